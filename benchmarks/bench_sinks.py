@@ -1,0 +1,154 @@
+"""Benchmark of the sinks pass on the bundled SmolLM2-135M (CPU, fp32).
+
+Three measurements, each against a baseline measured in the same run:
+
+1. speed: tokens/s of the full sinks pass (hooks on every attention pattern, residual stream and norm
+   site, all reducers) over tokens/s of the plain eager forward on the same batches, runs interleaved
+   A B A B so that drift of a shared machine hits both;
+2. memory: peak RSS of a fresh process running the sinks pass on 8k tokens versus 64k tokens (flat memory
+   means the two are within 10%);
+3. TransformerLens: ``TransformerBridge.run_with_cache`` computing the same statistics (alpha_1 per head,
+   top-1 and median |h| per layer) on the same batches: speed and peak RSS in a fresh process.
+
+    python benchmarks/bench_sinks.py            # all three, ~10 minutes on 2 cores
+    python benchmarks/bench_sinks.py --quick    # smaller token counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+def _sample(lm, n_tokens: int, seq_len: int = 64, batch_size: int = 8):
+    from normscope.text import TextOptions, load_text
+
+    book = CORPUS / "sherlock_holmes.txt"
+    paths = [book] if book.exists() else None  # the built-in prompts otherwise
+    opts = TextOptions(paths=paths, seq_len=seq_len, max_tokens=n_tokens, batch_size=batch_size)
+    return load_text(lm.tokenizer, opts, max_positions=lm.info.max_positions, is_causal=lm.info.is_causal)
+
+
+def _plain(lm, sample) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b in sample.iter_batches():
+            lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    return sample.n_tokens / (time.perf_counter() - t0)
+
+
+def _sinks(lm, sample) -> float:
+    from normscope import sinks
+
+    t0 = time.perf_counter()
+    sinks.run(lm, sample)
+    return sample.n_tokens / (time.perf_counter() - t0)
+
+
+def speed(n_tokens: int, rounds: int) -> dict:
+    from normscope.models import load_model
+
+    lm = load_model("smollm2-135m", device="cpu")
+    sample = _sample(lm, n_tokens)
+    _plain(lm, sample)  # warm-up
+    ratios, plain, hooked = [], [], []
+    for _ in range(rounds):
+        a = _plain(lm, sample)
+        b = _sinks(lm, sample)
+        plain.append(a)
+        hooked.append(b)
+        ratios.append(b / a)
+    return {"tokens": sample.n_tokens, "plain_tok_s": statistics.median(plain),
+            "sinks_tok_s": statistics.median(hooked), "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def child(kind: str, n_tokens: int) -> None:
+    """Run in a fresh process; print one JSON line with tokens/s and peak RSS."""
+    import torch
+
+    from normscope.models import load_model
+
+    lm = load_model("smollm2-135m", device="cpu")
+    sample = _sample(lm, n_tokens)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if kind == "sinks":
+        from normscope import sinks
+
+        sinks.run(lm, sample)
+    elif kind == "tl":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers("smollm2-135m", hf_model=lm.model, tokenizer=lm.tokenizer,
+                                                     device="cpu")
+        n_layers = lm.info.n_layers
+        alpha_sum = torch.zeros(n_layers, lm.info.n_heads, dtype=torch.float64)
+        top1 = torch.zeros(n_layers, dtype=torch.float64)
+        med = torch.zeros(n_layers, dtype=torch.float64)
+        n = 0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in sample.iter_batches():
+                _, cache = bridge.run_with_cache(b.input_ids)
+                t = b.input_ids.shape[1]
+                nq = (t - torch.arange(t)).float()
+                for layer in range(n_layers):
+                    pat = cache[f"blocks.{layer}.attn.hook_pattern"]  # [batch, head, q, k]
+                    alpha_sum[layer] += (pat.float().sum(2) / nq)[:, :, 0].double().sum(0)
+                    h = cache[f"blocks.{layer}.hook_resid_post"].float().abs().flatten(1)
+                    top1[layer] += h.max(1).values.double().sum()
+                    med[layer] += h.median(1).values.double().sum()
+                n += b.input_ids.shape[0]
+                del cache
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"kind": kind, "tokens": sample.n_tokens, "tok_s": sample.n_tokens / seconds,
+                      "peak_rss_mib": rss, "rss_after_load_mib": rss_loaded}))
+
+
+def _spawn(kind: str, n_tokens: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, str(n_tokens)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "TOKENS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    small, big = (2048, 16384) if args.quick else (8192, 65536)
+    print("== speed: sinks pass vs plain eager forward (same process, interleaved)")
+    s = speed(4096 if args.quick else 8192, 2 if args.quick else 3)
+    print(json.dumps(s, indent=1))
+    print(f"== memory: peak RSS, {small} vs {big} tokens (fresh processes)")
+    m_small, m_big = _spawn("sinks", small), _spawn("sinks", big)
+    print(json.dumps({"small": m_small, "big": m_big, "ratio_big_to_small": m_big["peak_rss_mib"] /
+                      m_small["peak_rss_mib"]}, indent=1))
+    print(f"== TransformerLens run_with_cache vs normscope sinks, {small} tokens (fresh processes)")
+    tl = _spawn("tl", small)
+    print(json.dumps({"normscope": m_small, "transformer_lens": tl,
+                      "speed_ratio_normscope_to_tl": m_small["tok_s"] / tl["tok_s"],
+                      "rss_ratio_normscope_to_tl": m_small["peak_rss_mib"] / tl["peak_rss_mib"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

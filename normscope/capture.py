@@ -1,0 +1,306 @@
+"""The capture engine: forward hooks that reduce statistics on the fly.
+
+Hook points are named in TransformerLens style so that the statistics they feed read like TL code:
+
+==================================  =============================================================
+``blocks.{i}.hook_resid_pre``       residual stream entering block ``i``  ``[batch, pos, d_model]``
+``blocks.{i}.hook_resid_post``      residual stream leaving block ``i``   ``[batch, pos, d_model]``
+``blocks.{i}.attn.hook_pattern``    attention probabilities ``[batch, head, query, key]`` (eager)
+``blocks.{i}.attn.hook_out``        attention module output ``[batch, pos, d_model]``
+``blocks.{i}.mlp.hook_out``         MLP module output ``[batch, pos, d_model]``
+``{site}.hook_in``                  a norm site's input ``[batch, pos, d]`` (e.g. ``blocks.3.ln1.hook_in``)
+``{site}.hook_scale``               its per-token divisor (std or RMS) ``[batch, pos, 1]``
+``{site}.hook_out``                 its output ``[batch, pos, d]``
+==================================  =============================================================
+
+A *reducer* is any object with ``update(x, ctx)`` (``x`` the tensor at the hook point, ``ctx`` the current
+:class:`BatchContext`) that folds the tensor into running sums, maxima or top-k; it never keeps the
+tensor. An *intervention* is ``fn(x, ctx) -> x`` and replaces the tensor (for ablations). Memory therefore
+grows with layers, heads and sites, never with the number of tokens.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from normscope.errors import NormscopeError
+
+
+@dataclass
+class BatchContext:
+    """What a reducer may need to know about the batch its tensor came from."""
+
+    input_ids: torch.Tensor  # [batch, pos]
+    attention_mask: torch.Tensor  # [batch, pos]
+    categories: list[str]
+    index: int  # batch number within the run
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Reducer(Protocol):
+    def update(self, x: torch.Tensor, ctx: BatchContext) -> None: ...
+
+
+Intervention = Callable[[torch.Tensor, BatchContext], torch.Tensor]
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise TypeError(f"cannot find the hidden state in a {type(out).__name__}")
+
+
+def _replace_first(out: Any, new: torch.Tensor) -> Any:
+    if isinstance(out, torch.Tensor):
+        return new
+    if isinstance(out, tuple):
+        return (new, *out[1:])
+    if isinstance(out, list):
+        return [new, *out[1:]]
+    raise TypeError(f"cannot replace the hidden state in a {type(out).__name__}")
+
+
+def _pattern_index(out: Any) -> int | None:
+    """Index of the ``[batch, head, q, k]`` attention pattern in an attention module's output tuple."""
+    if isinstance(out, (tuple, list)):
+        for i, o in enumerate(out):
+            if i > 0 and isinstance(o, torch.Tensor) and o.ndim == 4:
+                return i
+    return None
+
+
+class Capture:
+    """Registers hooks for the points that reducers and interventions ask for, and runs batches.
+
+    Use as a context manager so hooks are always removed::
+
+        cap = Capture(model, layout, sites)
+        cap.add("blocks.3.hook_resid_post", my_reducer)
+        with cap:
+            cap.run(sample.iter_batches(), on_output=...)
+    """
+
+    def __init__(self, model: nn.Module, layout: Any, sites: Iterable[Any]) -> None:
+        self.model = model
+        self.layout = layout
+        self.sites = {s.name: s for s in sites}
+        self._reducers: dict[str, list[Reducer]] = defaultdict(list)
+        self._interventions: dict[str, list[Intervention]] = defaultdict(list)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.ctx: BatchContext | None = None
+
+    # ---- registration -------------------------------------------------------------------------------
+    def points(self) -> list[str]:
+        """Every hook point name this model offers."""
+        names: list[str] = []
+        for b in self.layout.blocks:
+            i = b.index
+            names += [f"blocks.{i}.hook_resid_pre", f"blocks.{i}.hook_resid_post"]
+            if b.attn is not None:
+                names += [f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.attn.hook_out"]
+            if b.mlp is not None:
+                names.append(f"blocks.{i}.mlp.hook_out")
+        for s in self.sites:
+            names += [f"{s}.hook_in", f"{s}.hook_scale", f"{s}.hook_out"]
+        return names
+
+    def _check(self, point: str) -> None:
+        if point not in set(self.points()):
+            raise NormscopeError(f"Unknown hook point '{point}' for this model.")
+
+    def add(self, point: str, reducer: Any) -> Any:
+        """Feed the tensor at ``point`` to ``reducer.update`` on every batch; returns the reducer."""
+        self._check(point)
+        self._reducers[point].append(reducer)
+        return reducer
+
+    def intervene(self, point: str, fn: Intervention) -> None:
+        """Replace the tensor at ``point`` by ``fn(x, ctx)`` (before reducers at that point see it)."""
+        self._check(point)
+        self._interventions[point].append(fn)
+
+    def clear(self) -> None:
+        self._reducers.clear()
+        self._interventions.clear()
+
+    # ---- hooks --------------------------------------------------------------------------------------
+    def _dispatch(self, point: str, x: torch.Tensor) -> torch.Tensor | None:
+        assert self.ctx is not None
+        changed = False
+        for fn in self._interventions.get(point, ()):
+            x = fn(x, self.ctx)
+            changed = True
+        for r in self._reducers.get(point, ()):
+            r.update(x.detach(), self.ctx)
+        return x if changed else None
+
+    def _wants(self, *points: str) -> bool:
+        return any(p in self._reducers or p in self._interventions for p in points)
+
+    def __enter__(self) -> Capture:
+        self._register()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _register(self) -> None:
+        self.remove()
+        for b in self.layout.blocks:
+            i = b.index
+            pre, post = f"blocks.{i}.hook_resid_pre", f"blocks.{i}.hook_resid_post"
+            if self._wants(pre):
+                self._handles.append(b.module.register_forward_pre_hook(self._pre_hook(pre), with_kwargs=True))
+            if self._wants(post):
+                self._handles.append(b.module.register_forward_hook(self._out_hook(post)))
+            pat, aout = f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.attn.hook_out"
+            if b.attn is not None and self._wants(pat, aout):
+                self._handles.append(b.attn.register_forward_hook(self._attn_hook(pat, aout)))
+            mout = f"blocks.{i}.mlp.hook_out"
+            if b.mlp is not None and self._wants(mout):
+                self._handles.append(b.mlp.register_forward_hook(self._out_hook(mout)))
+        for name, site in self.sites.items():
+            hin, hscale, hout = f"{name}.hook_in", f"{name}.hook_scale", f"{name}.hook_out"
+            if self._wants(hin, hscale):
+                self._handles.append(
+                    site.module.register_forward_pre_hook(self._site_pre_hook(site, hin, hscale), with_kwargs=True)
+                )
+            if self._wants(hout):
+                self._handles.append(site.module.register_forward_hook(self._out_hook(hout)))
+
+    def _pre_hook(self, point: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                new = self._dispatch(point, args[0])  # [batch, pos, d_model]
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = self._dispatch(point, kwargs["hidden_states"])
+            if new is None:
+                return None
+            return args, {**kwargs, "hidden_states": new}
+
+        return hook
+
+    def _site_pre_hook(self, site: Any, hin: str, hscale: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            x = args[0] if args else kwargs["hidden_states"]  # [batch, pos, d]
+            new = self._dispatch(hin, x)
+            if hscale in self._reducers:
+                self._dispatch(hscale, site.divisor((new if new is not None else x).detach()))  # [batch, pos, 1]
+            if new is None:
+                return None
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        return hook
+
+    def _out_hook(self, point: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+            new = self._dispatch(point, _first_tensor(out))
+            return None if new is None else _replace_first(out, new)
+
+        return hook
+
+    def _attn_hook(self, pat: str, aout: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+            result = out
+            if self._wants(pat):
+                idx = _pattern_index(out)
+                if idx is None:
+                    raise NormscopeError(
+                        "The attention module returned no attention pattern; load the model with eager attention "
+                        "(normscope does this by default)."
+                    )
+                new = self._dispatch(pat, out[idx])  # [batch, head, query, key]
+                if new is not None:
+                    result = tuple(new if j == idx else o for j, o in enumerate(out))
+            if self._wants(aout):
+                new = self._dispatch(aout, _first_tensor(result))
+                if new is not None:
+                    result = _replace_first(result, new)
+            return None if result is out else result
+
+        return hook
+
+    # ---- running ------------------------------------------------------------------------------------
+    @contextmanager
+    def batch(self, batch: Any, index: int = 0) -> Iterator[BatchContext]:
+        """Set the context for one forward pass that the caller runs itself (e.g. with a backward)."""
+        self.ctx = BatchContext(batch.input_ids, batch.attention_mask, list(batch.categories), index)
+        try:
+            yield self.ctx
+        finally:
+            self.ctx = None
+
+    def run(
+        self,
+        batches: Iterable[Any],
+        *,
+        on_output: Callable[[Any, BatchContext], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """One forward pass per batch under ``torch.no_grad``; every reducer sees every batch once.
+
+        ``on_output(outputs, ctx)`` receives the model's output (logits etc.) for statistics such as the loss.
+        ``progress(n_tokens)`` is called after each batch.
+        """
+        if not self._handles:
+            self._register()
+        dev = device or next(self.model.parameters()).device
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                ids = b.input_ids.to(dev)  # [batch, pos]
+                mask = b.attention_mask.to(dev)  # [batch, pos]
+                self.ctx = BatchContext(ids, mask, list(b.categories), i)
+                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                if on_output is not None:
+                    on_output(out, self.ctx)
+                if progress is not None:
+                    progress(int(ids.numel()))
+                self.ctx = None
+
+
+# ---- a few generic reducers ---------------------------------------------------------------------------
+class TokenMoments:
+    """Running count, sum and sum of squares of a per-token scalar, split into position 0 and the rest.
+
+    ``fn(x) -> [batch, pos]`` turns the hook tensor into one number per token (e.g. an L2 norm).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.n = {"pos0": 0, "rest": 0}
+        self.s = {"pos0": 0.0, "rest": 0.0}
+        self.s2 = {"pos0": 0.0, "rest": 0.0}
+
+    def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
+        v = self.fn(x.float())  # [batch, pos]
+        mask = ctx.attention_mask.bool()
+        for key, sel in (("pos0", v[:, :1][mask[:, :1]]), ("rest", v[:, 1:][mask[:, 1:]])):
+            self.n[key] += int(sel.numel())
+            self.s[key] += float(sel.double().sum())
+            self.s2[key] += float(sel.double().pow(2).sum())
+
+    def mean(self, key: str = "rest") -> float:
+        return self.s[key] / self.n[key] if self.n[key] else float("nan")
+
+    def var(self, key: str = "rest") -> float:
+        if not self.n[key]:
+            return float("nan")
+        m = self.mean(key)
+        return max(self.s2[key] / self.n[key] - m * m, 0.0)

