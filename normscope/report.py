@@ -627,34 +627,44 @@ def fmt_value(v: Any) -> str:
         return fmt_value(v.item())
     if isinstance(v, (list, tuple)):
         return ", ".join(fmt_value(x) for x in v)
+    if isinstance(v, str) and v and not v.strip():
+        return repr(v)  # whitespace-only tokens (" ", "\n") would show as an empty cell
     return str(v)
 
 
-_SETTINGS_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Model", ("model", "name")),
-    ("Revision", ("model", "revision")),
-    ("Dtype", ("model", "dtype")),
-    ("Device", ("model", "device")),
-    ("Text source", ("text", "source")),
-    ("Tokens", ("text", "n_tokens")),
-    ("Seq len", ("text", "seq_len")),
-    ("BOS prepended", ("text", "bos_prepended")),
-    ("Seed", ("text", "seed")),
+# Each settings row: a label and the meta paths it may come from, first found wins.
+_SETTINGS_ROWS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    ("Model", (("model", "name"), ("model", "spec"))),
+    ("Revision", (("model", "revision"),)),
+    ("Dtype", (("model", "dtype"),)),
+    ("Device", (("model", "device"),)),
+    ("Text source", (("text", "source"),)),
+    ("Tokens", (("text", "n_tokens"),)),
+    ("Seq len", (("text", "seq_len"),)),
+    ("BOS prepended", (("text", "bos_prepended"),)),
+    ("Seed", (("text", "seed"), ("seed",), ("settings", "seed"), ("options", "seed"))),
 )
+_MISSING = object()
 
 
 def _settings_html(meta: Mapping[str, Any]) -> str:
     e = _esc
     used: set[tuple[str, ...]] = set()
     items = []
-    for label, keys in _SETTINGS_ROWS:
-        value = _mget(meta, *keys)
-        if value is None and keys == ("model", "name"):
+    for label, paths in _SETTINGS_ROWS:
+        value: Any = _MISSING
+        for keys in paths:
+            v = _mget_or(meta, keys, _MISSING)
+            if v is not _MISSING:
+                value = v
+                used.add(keys)
+                break
+        if value is _MISSING and label == "Model":
             value = _model_name(meta)
-        if value is None and keys == ("text", "seed"):
-            value, keys = meta.get("seed"), ("seed",)
-        used.add(keys)
-        items.append(f"<div><dt>{e(label)}</dt><dd>{e(fmt_value(value))}</dd></div>")
+            used.add(("model",))  # a plain string
+        items.append(
+            f"<div><dt>{e(label)}</dt><dd>{e(fmt_value(None if value is _MISSING else value))}</dd></div>"
+        )
     versions = meta.get("versions")
     if isinstance(versions, Mapping):
         shown_keys = [k for k in ("normscope", "torch", "transformers") if k in versions]
@@ -676,6 +686,15 @@ def _settings_html(meta: Mapping[str, Any]) -> str:
         + more
         + "</section>\n"
     )
+
+
+def _mget_or(meta: Mapping[str, Any], keys: tuple[str, ...], default: Any) -> Any:
+    node: Any = meta
+    for k in keys:
+        if not isinstance(node, Mapping) or k not in node:
+            return default
+        node = node[k]
+    return node
 
 
 def _flatten(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:

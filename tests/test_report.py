@@ -415,6 +415,16 @@ def test_settings_block_and_headlines() -> None:
     assert page.index('class="cards"') < page.index("<h2>Interpretation</h2>")
 
 
+def test_settings_fallbacks_and_visible_whitespace() -> None:
+    meta = {"model": "plain-model-name", "text": None, "settings": {"seed": 7, "eps": 0.3}}
+    res = Result("sinks", "T", meta, {}, tables={"t": pd.DataFrame({"token": [" ", "\n", "a"]})})
+    page = render_html(res)
+    assert "<dt>Model</dt><dd>plain-model-name</dd>" in page and "<dt>Seed</dt><dd>7</dd>" in page
+    assert "<dt>Revision</dt><dd>\u2014</dd>" in page  # missing values show as a dash
+    assert "<th>settings.eps</th>" in page and "settings.seed" not in page
+    assert "<td>&#x27; &#x27;</td>" in page and "<td>&#x27;\\n&#x27;</td>" in page
+
+
 def test_make_meta_takes_model_info_and_records_versions() -> None:
     from normscope.models import ModelInfo
 
