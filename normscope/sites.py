@@ -462,12 +462,19 @@ def find_norm_sites(model: nn.Module, layout: ModelLayout | None = None) -> list
 
 
 def format_sites_table(sites: list[NormSite], title: str | None = None) -> Table:
-    """A rich table for ``normscope sites``: name, layer, role, kind, eps, gain offset, bias, path, class."""
+    """A rich table for ``normscope sites``: name, layer, role, kind, eps, gain offset, bias, path, class.
+
+    On a narrow console the path and class columns fold onto more lines; the others keep their width.
+    """
+    rows = [[s.name, "" if s.layer is None else str(s.layer), s.role, s.kind, f"{s.eps:g}",
+             f"{s.gain_offset:g}", "yes" if s.has_bias else "no", s.path, type(s.module).__name__]
+            for s in sites]
     table = Table(title=title, header_style="bold")
-    for col in ("name", "layer", "role", "kind", "eps", "gain offset", "bias", "path", "class"):
-        table.add_column(col, justify="right" if col in ("layer", "eps", "gain offset") else "left")
-    for s in sites:
-        table.add_row(escape(s.name), "" if s.layer is None else str(s.layer), s.role, s.kind, f"{s.eps:g}",
-                      f"{s.gain_offset:g}", "yes" if s.has_bias else "no", escape(s.path),
-                      escape(type(s.module).__name__))
+    for j, col in enumerate(("name", "layer", "role", "kind", "eps", "gain offset", "bias", "path", "class")):
+        fold = col in ("path", "class")
+        width = None if fold else max([len(col)] + [len(r[j]) for r in rows])
+        table.add_column(col, justify="right" if col in ("layer", "eps", "gain offset") else "left",
+                         min_width=width, no_wrap=not fold, overflow="fold")
+    for r in rows:
+        table.add_row(*(escape(c) for c in r))
     return table

@@ -340,6 +340,9 @@ def test_format_sites_table() -> None:
     text = out.getvalue()
     assert "blocks.1.ln2_post" in text and "model.layers.1.post_feedforward_layernorm" in text
     assert "Gemma2RMSNorm" in text and "1e-06" in text
+    narrow = io.StringIO()
+    Console(file=narrow, width=80).print(table)  # a narrow console keeps names and roles whole
+    assert "blocks.1.ln2_post" in narrow.getvalue() and "post_mlp" in narrow.getvalue()
 
 
 # ---- tests.tiny helpers ---------------------------------------------------------------------------------
