@@ -199,6 +199,21 @@ def dequantize_gguf(gguf: Path) -> Path:
     return target
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (a quick check before transformers retries for half a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _is_offline_error(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(
@@ -262,9 +277,16 @@ def load_model(
     if revision and source == "hub":
         kwargs["revision"] = revision
     try:
-        config = AutoConfig.from_pretrained(where, **kwargs)
+        config = AutoConfig.from_pretrained(where, **kwargs, local_files_only=True)
     except Exception as exc:
-        raise _load_error(spec, source, exc) from exc
+        if source != "hub":
+            raise _load_error(spec, source, exc) from exc
+        if not hub_reachable():  # not cached and no network: say so at once instead of retrying
+            raise _load_error(spec, source, ConnectionError("hub unreachable")) from exc
+        try:
+            config = AutoConfig.from_pretrained(where, **kwargs)
+        except Exception as exc2:
+            raise _load_error(spec, source, exc2) from exc2
     is_causal = _is_causal_config(config)
     model_kwargs = dict(kwargs, dtype=torch_dtype)
     if attn_implementation:

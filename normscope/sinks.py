@@ -158,11 +158,16 @@ class ResidualReducer:
         self.massive: dict[tuple[int, int], list[Any]] = {}
         self.massive_value_sum: Counter[int] = Counter()  # dim -> sum of signed massive values
         self.massive_count: Counter[int] = Counter()
+        self.top1_where: Counter[tuple[int, int]] = Counter()  # (dim, position) of each sequence's top-1 |h|
 
     def update(self, h: torch.Tensor, ctx: BatchContext) -> None:
         a = h.float().abs()  # [batch, pos, d_model]
         flat = a.flatten(1)  # [batch, pos*d_model]
-        self.top_sum += flat.topk(3, dim=1).values.double().sum(0).cpu()
+        top = flat.topk(3, dim=1)
+        self.top_sum += top.values.double().sum(0).cpu()
+        d_model = h.shape[-1]
+        for idx in top.indices[:, 0].tolist():
+            self.top1_where[(idx % d_model, idx // d_model)] += 1
         self.median_sum += float(flat.median(dim=1).values.double().sum())
         self.n_seq += h.shape[0]
         s = a.sum(dim=(0, 1)).double().cpu()  # [d_model]
@@ -193,6 +198,11 @@ class ResidualReducer:
     @property
     def median(self) -> float:
         return self.median_sum / max(self.n_seq, 1)
+
+    def top1_location(self) -> tuple[int, int, float]:
+        """(dim, position) that most often holds a sequence's top-1 |h|, and how often (0..1)."""
+        (dim, pos), n = self.top1_where.most_common(1)[0]
+        return dim, pos, n / max(self.n_seq, 1)
 
     def massive_dims(self) -> list[int]:
         return sorted(self.massive_count, key=lambda d: -self.massive_count[d])
@@ -384,10 +394,13 @@ def _build_result(lm: Any, sample: Any, opts: SinksOptions, layout: Any, attn: d
         i = b.index
         a, rr = attn.get(i), resid[i]
         sr = 100.0 * float(a.above.sum()) / max(a.n_seq * a.above.numel(), 1) if a and a.above is not None else None
+        t_dim, t_pos, t_freq = rr.top1_location()
         layer_rows.append({"layer": i, "sink_rate": sr,
                            "alpha1_mean": float(a.alpha_mean()[:, 0].mean()) if a and a.alpha_sum is not None else None,
                            "top1_abs": rr.top[0], "top2_abs": rr.top[1], "top3_abs": rr.top[2],
-                           "median_abs": rr.median, "massive_dims": rr.massive_dims()[:8]})
+                           "median_abs": rr.median, "top1_to_median": rr.top[0] / max(rr.median, 1e-30),
+                           "top1_dim": t_dim, "top1_position": t_pos, "top1_frequency": t_freq,
+                           "massive_dims": rr.massive_dims()[:8]})
     layers = pd.DataFrame(layer_rows)
     n_cells = sum(a.n_seq * (a.above.numel() if a.above is not None else 0) for a in attn.values())
     overall = 100.0 * sum(float(a.above.sum()) for a in attn.values() if a.above is not None) / max(n_cells, 1)

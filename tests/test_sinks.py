@@ -1,0 +1,229 @@
+"""Sinks: the metric functions against direct computations, the capture pass against ``output_attentions``
+/ ``output_hidden_states`` and TransformerLens, and the phenomena the bundled SmolLM2 really shows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from normscope import sinks
+from normscope.models import LoadedModel, ModelInfo
+from normscope.text import TextOptions, load_text, sample_from_ids
+from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+
+
+# ---- pure functions ----------------------------------------------------------------------------------
+def test_sink_scores_causal_matches_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6, generator=g)
+    causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    pattern = logits.masked_fill(causal, -math.inf).softmax(-1)  # [batch, head, q, k]
+    alpha = sinks.sink_scores(pattern, causal=True)
+    for b in range(2):
+        for h in range(3):
+            for k in range(6):
+                direct = sum(float(pattern[b, h, i, k]) for i in range(k, 6)) / (6 - k)
+                assert alpha[b, h, k].item() == pytest.approx(direct, rel=1e-6)
+
+
+def test_sink_scores_encoder_averages_all_queries() -> None:
+    pattern = torch.rand(1, 2, 5, 5).softmax(-1)
+    alpha = sinks.sink_scores(pattern, causal=False)
+    assert torch.allclose(alpha, pattern.mean(dim=2))
+
+
+def test_sink_rate_is_strict_percentage() -> None:
+    assert sinks.sink_rate(torch.tensor([0.3, 0.31, 0.1, 0.9])) == pytest.approx(50.0)
+    assert sinks.sink_rate(torch.tensor([0.3, 0.3]), eps=0.3) == 0.0
+
+
+def test_massive_mask_needs_both_conditions() -> None:
+    h = torch.full((1, 4, 8), 0.05)
+    h[0, 0, 3] = 500.0  # > 100 and > 1000 x median (0.05)
+    h[0, 1, 2] = 90.0  # large ratio but under 100
+    mask = sinks.massive_mask(h)
+    assert mask.sum() == 1 and mask[0, 0, 3]
+    h2 = torch.full((1, 4, 8), 1.0)
+    h2[0, 0, 0] = 500.0  # > 100 but only 500 x the median
+    assert not sinks.massive_mask(h2).any()
+
+
+def test_outlier_share_matches_direct() -> None:
+    x = torch.randn(2, 3, 16)
+    x[0, 0, 5] = 40.0
+    share = sinks.outlier_share(x, k=3, centered=False)
+    sq = x.pow(2)
+    direct = sq.sort(dim=-1, descending=True).values[..., :3].cumsum(-1) / sq.sum(-1, keepdim=True)
+    assert torch.allclose(share, direct, atol=1e-6)
+    assert share[0, 0, 0] > 0.8
+    xc = x - x.mean(-1, keepdim=True)
+    sqc = xc.pow(2)
+    directc = sqc.sort(dim=-1, descending=True).values[..., :1] / sqc.sum(-1, keepdim=True)
+    assert torch.allclose(sinks.outlier_share(x, k=1, centered=True), directc, atol=1e-6)
+
+
+# ---- the capture pass against a direct computation ----------------------------------------------------
+def _tiny_lm(model: torch.nn.Module, causal: bool = True) -> LoadedModel:
+    cfg = model.config
+    info = ModelInfo(spec="tiny", name="tiny", slug="tiny", source="folder", architecture=cfg.model_type,
+                     n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+                     is_causal=causal, max_positions=None, dtype="float32", device="cpu")
+    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), info=info)
+
+
+def _rows(n: int, t: int, vocab: int = 90, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, vocab, (n, t), generator=g).tolist()
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def test_run_matches_output_attentions_and_hidden_states(factory) -> None:
+    model = factory()
+    lm = _tiny_lm(model)
+    rows = _rows(6, 12)
+    sample = sample_from_ids(rows, ["prose"] * 6, batch_size=4)
+    result = sinks.run(lm, sample, sinks.SinksOptions(eps=0.3))
+    ids = torch.tensor(rows)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    heads = result.tables["heads"]
+    n_layers = len(out.attentions)
+    alphas = []
+    for layer, att in enumerate(out.attentions):  # [batch, head, q, k]
+        alpha1 = att[:, :, :, 0].sum(-1) / att.shape[-1]  # queries i >= 0: all of them
+        alphas.append(alpha1)
+        for h in range(att.shape[1]):
+            row = heads[(heads["layer"] == layer) & (heads["head"] == h)].iloc[0]
+            assert row.alpha1 == pytest.approx(float(alpha1[:, h].mean()), rel=1e-5)
+    rate = 100 * float((torch.stack(alphas) > 0.3).float().mean())
+    assert result.payload["sink_rate"] == pytest.approx(rate)
+    layers = result.tables["layers"]
+    # HF hidden_states[l + 1] is block l's output, except the last, which is after the final norm.
+    for layer in range(n_layers - 1):
+        h = out.hidden_states[layer + 1].abs().flatten(1)  # [batch, pos*d]
+        assert layers.top1_abs[layer] == pytest.approx(float(h.max(1).values.mean()), rel=1e-5)
+        assert layers.median_abs[layer] == pytest.approx(float(h.median(1).values.mean()), rel=1e-5)
+
+
+def test_outlier_rows_match_site_divisor_direct() -> None:
+    model = tiny_llama()
+    lm = _tiny_lm(model)
+    rows = _rows(4, 10, seed=1)
+    result = sinks.run(lm, sample_from_ids(rows, ["prose"] * 4))
+    ids = torch.tensor(rows)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    # blocks.0.ln1 reads the embeddings (hidden_states[0]); its divisor is the RMS with eps
+    x = out.hidden_states[0]  # [batch, pos, d]
+    eps = model.model.layers[0].input_layernorm.variance_epsilon
+    rms = torch.sqrt(x.pow(2).mean(-1) + eps)  # [batch, pos]
+    row = result.tables["sites"].set_index("site").loc["blocks.0.ln1"]
+    assert row.divisor_first == pytest.approx(float(rms[:, 0].mean()), rel=1e-5)
+    assert row.divisor_rest == pytest.approx(float(rms[:, 1:].mean()), rel=1e-5)
+
+
+def test_encoder_alpha_over_all_queries() -> None:
+    model = tiny_bert()
+    lm = _tiny_lm(model, causal=False)
+    rows = _rows(4, 10, seed=2)
+    result = sinks.run(lm, sample_from_ids(rows, ["prose"] * 4))
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(rows), output_attentions=True)
+    heads = result.tables["heads"]
+    att = out.attentions[1]
+    assert heads[(heads["layer"] == 1) & (heads["head"] == 2)].alpha1.iloc[0] == pytest.approx(
+        float(att[:, 2, :, 0].mean()), rel=1e-5)
+
+
+def test_ablate_refuses_encoders() -> None:
+    from normscope.errors import NormscopeError
+
+    lm = _tiny_lm(tiny_bert(), causal=False)
+    with pytest.raises(NormscopeError, match="causal"):
+        sinks.run(lm, sample_from_ids(_rows(2, 8), ["x"] * 2), sinks.SinksOptions(ablate=True))
+
+
+def test_hooks_are_removed_after_run() -> None:
+    model = tiny_llama()
+    lm = _tiny_lm(model)
+    sinks.run(lm, sample_from_ids(_rows(2, 8), ["x"] * 2), sinks.SinksOptions(ablate=True))
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_transformer_lens_bridge_agrees_on_pattern_and_scale() -> None:
+    """TransformerLens' ``attn.hook_pattern`` and ``ln1.hook_scale`` give the same numbers as our capture."""
+    bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
+    model = tiny_llama()
+    own = tiny_llama()  # the bridge rewrites its model in place: give it its own identical instance
+    rows = _rows(3, 10, seed=3)
+    ids = torch.tensor(rows)
+    try:
+        bridge = bridge_mod.TransformerBridge.boot_transformers("llama-tiny", hf_model=own, tokenizer=tiny_tokenizer(),
+                                                               device="cpu")
+        _, cache = bridge.run_with_cache(ids)
+    except Exception as exc:  # pragma: no cover - depends on the installed TL version
+        pytest.skip(f"TransformerBridge cannot boot a tiny Llama offline here: {type(exc).__name__}: {exc}")
+    result = sinks.run(_tiny_lm(model), sample_from_ids(rows, ["x"] * 3))
+    heads = result.tables["heads"]
+    pat = cache["blocks.1.attn.hook_pattern"]  # [batch, head, q, k]
+    ours = torch.tensor(heads[heads["layer"] == 1].sort_values("head")["alpha1"].tolist())
+    assert torch.allclose(ours, (pat[:, :, :, 0].sum(-1) / pat.shape[-1]).mean(0).float(), rtol=1e-4)
+    scale = cache["blocks.1.ln1.hook_scale"][..., 0]  # [batch, pos]
+    row = result.tables["sites"].set_index("site").loc["blocks.1.ln1"]
+    assert row.divisor_rest == pytest.approx(float(scale[:, 1:].mean()), rel=1e-4)
+
+
+# ---- the bundled SmolLM2 ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol_result(smollm2):
+    sample = load_text(smollm2.tokenizer, TextOptions(seq_len=64, max_tokens=1024, batch_size=8, controls=False),
+                       max_positions=smollm2.info.max_positions)
+    return sinks.run(smollm2, sample, sinks.SinksOptions(ablate=True))
+
+
+@pytest.mark.slow
+def test_smollm2_massive_dim_507_at_position_0(smol_result) -> None:
+    p = smol_result.payload
+    assert p["massive_dims"][0] == 507
+    by_layer = {r["layer"]: r for r in p["layers"]}
+    # From layer 1 on, dim 507 at position 0 is where a sequence's largest |h| most often sits (~200-780 in
+    # layers 1-8, 60-800x the median, under Sun et al.'s 1000x bar)...
+    for layer in range(1, 10):
+        assert (by_layer[layer]["top1_dim"], by_layer[layer]["top1_position"]) == (507, 0), layer
+        assert by_layer[layer]["top1_abs"] > 100
+    # ...and from layer 11 on it is a massive activation in every sequence (~23,600, > 1000x the median).
+    for layer in range(11, 29):
+        assert 507 in by_layer[layer]["massive_dims"], layer
+        assert by_layer[layer]["top1_frequency"] > 0.9 and by_layer[layer]["top1_position"] == 0
+    mid = [a for a in p["massive_activations"] if a["dim"] == 507 and 12 <= a["layer"] <= 20]
+    assert mid
+    for layer in range(12, 21):  # the largest entry of each layer sits at position 0 (a few at the first delimiter)
+        assert max((a for a in mid if a["layer"] == layer), key=lambda a: a["abs"])["position"] == 0
+    assert max(abs(a["value"]) for a in mid) > 5000  # thousands in the middle layers (~22,500 measured)
+
+
+@pytest.mark.slow
+def test_smollm2_sink_rate_rises_with_depth(smol_result) -> None:
+    rates = [r["sink_rate"] for r in smol_result.payload["layers"]]
+    assert rates[0] < 10  # layer 0 barely attends to the first token (~0.03)
+    assert sum(rates[-10:]) / 10 > sum(rates[:10]) / 10 + 20
+    assert smol_result.payload["sink_rate"] > 50
+
+
+@pytest.mark.slow
+def test_smollm2_outlier_carries_the_divisor_at_position_0(smol_result) -> None:
+    sites = smol_result.tables["sites"].set_index("site")
+    mid = sites.loc["blocks.15.ln1"]
+    assert mid.top1_share_first > 0.9  # dim 507 is almost all of position 0's RMS
+    assert mid.top1_share_rest < 0.5
+    assert mid.divisor_ratio_first_to_rest > 20
+
+
+@pytest.mark.slow
+def test_smollm2_zeroing_massive_dims_hurts_mean_does_not(smol_result) -> None:
+    abl = {r["intervention"]: r["delta_loss"] for r in smol_result.payload["ablations"]}
+    assert abl["massive dims zeroed"] > 1.0  # Sun et al.: zeroing destroys the model
+    assert abs(abl["massive dims set to their mean"]) < 0.1  # ...setting to the mean keeps it
