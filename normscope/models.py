@@ -176,7 +176,9 @@ def dequantize_gguf(gguf: Path) -> Path:
     except NormscopeError:
         raise
     except Exception as exc:  # gguf / transformers raise many types for a corrupted file
-        raise NormscopeError(f"Could not read the GGUF file {gguf} ({type(exc).__name__}): it may be corrupted.") from exc
+        raise NormscopeError(
+            f"Could not read the GGUF file {gguf} ({type(exc).__name__}): it may be corrupted; re-download it."
+        ) from exc
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "model_type"}, model_type=cfg["model_type"])
@@ -363,4 +365,5 @@ def _load_error(spec: str, source: str, exc: BaseException) -> NormscopeError:
                 f"'{spec}' needs custom code from its repository; rerun with --trust-remote-code if you trust it."
             )
         return NormscopeError(f"Could not load '{spec}' from the hub: {str(exc).splitlines()[0][:200]}")
-    return NormscopeError(f"Could not load the model at '{spec}' ({type(exc).__name__}): {str(exc).splitlines()[0][:200]}")
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return NormscopeError(f"Could not load the model at '{spec}' ({type(exc).__name__}): {first}")

@@ -14,7 +14,6 @@ Metrics and where they come from:
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import Counter
 from collections.abc import Iterator
@@ -128,7 +127,7 @@ class AttentionSinkReducer:
         assert self.above is not None
         self.above += first.double().sum(0).cpu()
         self.n_seq += b
-        for cat, row in zip(ctx.categories, first.cpu()):
+        for cat, row in zip(ctx.categories, first.cpu(), strict=True):
             self.cat_n[cat] += h
             self.cat_above[cat] += int(row.sum())
         ids = ctx.input_ids.cpu()
