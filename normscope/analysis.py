@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import platform
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
-def versions() -> dict[str, str]:
-    """Versions of the packages that produced a result (for the report's settings block)."""
-    import transformers
-
-    from normscope import __version__
-
-    return {
-        "normscope": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def build_meta(lm: Any, sample: Any, **settings: Any) -> dict[str, Any]:
-    """The settings block of a report: model, text, the command's own settings, versions."""
-    return {
-        "model": lm.info.to_dict(),
-        "text": sample.to_dict() if sample is not None else None,
-        "settings": settings,
-        "versions": versions(),
-    }
+    """The settings block of a report: model, text, the command's own settings, package versions."""
+    from normscope.report import make_meta
+
+    return make_meta(lm.info, sample.to_dict() if sample is not None else None, settings=settings)
 
 
 def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
