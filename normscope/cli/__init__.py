@@ -28,10 +28,10 @@ def main(
     """normscope: hook every normalization site of a Hugging Face model and measure what the literature measures."""
 
 
-from normscope.cli import sinks as _sinks  # noqa: E402,F401  (registers commands)
-from normscope.cli import sites as _sites  # noqa: E402,F401
 from normscope.cli import depth as _depth  # noqa: E402,F401
+from normscope.cli import dla as _dla  # noqa: E402,F401
 from normscope.cli import grads as _grads  # noqa: E402,F401
 from normscope.cli import hubness as _hubness  # noqa: E402,F401
-from normscope.cli import dla as _dla  # noqa: E402,F401
 from normscope.cli import remove_ln as _remove_ln  # noqa: E402,F401
+from normscope.cli import sinks as _sinks  # noqa: E402,F401  (registers commands)
+from normscope.cli import sites as _sites  # noqa: E402,F401
