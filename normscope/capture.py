@@ -99,6 +99,7 @@ class Capture:
         self._interventions: dict[str, list[Intervention]] = defaultdict(list)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.ctx: BatchContext | None = None
+        self.nonfinite: dict[str, dict[str, Any]] = {}  # point -> first batch and count of inf/NaN values
 
     # ---- registration -------------------------------------------------------------------------------
     def points(self) -> list[str]:
@@ -130,6 +131,11 @@ class Capture:
         self._check(point)
         self._interventions[point].append(fn)
 
+    def nonfinite_report(self) -> list[dict[str, Any]]:
+        """Hook points where inf or NaN appeared (fp16/bf16 overflow), in forward order, named by site and layer."""
+        order = {p: i for i, p in enumerate(self.points())}
+        return sorted(self.nonfinite.values(), key=lambda r: order.get(r["point"], 1 << 30))
+
     def clear(self) -> None:
         self._reducers.clear()
         self._interventions.clear()
@@ -141,7 +147,11 @@ class Capture:
         for fn in self._interventions.get(point, ()):
             x = fn(x, self.ctx)
             changed = True
-        for r in self._reducers.get(point, ()):
+        reducers = self._reducers.get(point, ())
+        if reducers and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            seen = self.nonfinite.setdefault(point, {"point": point, "first_batch": self.ctx.index, "values": 0})
+            seen["values"] += int((~torch.isfinite(x)).sum())
+        for r in reducers:
             r.update(x.detach(), self.ctx)
         return x if changed else None
 

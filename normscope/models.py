@@ -260,6 +260,7 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = "eager",
     for_training: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a model and tokenizer from a bundled alias, a local folder, a ``.gguf`` file or a hub id.
 
@@ -290,7 +291,11 @@ def load_model(
         except Exception as exc2:
             raise _load_error(spec, source, exc2) from exc2
     is_causal = _is_causal_config(config)
+    if source == "folder" and not allow_pickle:
+        _refuse_pickle_only(Path(where))
     model_kwargs = dict(kwargs, dtype=torch_dtype)
+    if not allow_pickle:
+        model_kwargs["use_safetensors"] = True
     if attn_implementation:
         model_kwargs["attn_implementation"] = attn_implementation
     try:
@@ -329,6 +334,21 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, extra={"load_seconds": time.perf_counter() - t0})
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_only(folder: Path) -> None:
+    """Weights only as pickles (``pytorch_model.bin``): loading them can run code, so ask first."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise NormscopeError(
+            f"{folder} has only pickle weights ({pickles[0]}), and loading a pickle can run arbitrary code; "
+            "convert it to safetensors or rerun with --allow-pickle if you trust it."
+        )
+
+
 def _first_attr(obj: Any, names: tuple[str, ...], default: Any) -> Any:
     for n in names:
         v = getattr(obj, n, None)
@@ -346,7 +366,7 @@ def _is_causal_config(config: Any) -> bool:
     ) is False and config.model_type in ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2",
                                          "xlm-roberta", "mpnet", "albert", "camembert", "modernbert"):
         return False
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in (
         "bert", "roberta", "xlm-roberta", "electra", "camembert", "modernbert"
@@ -359,6 +379,12 @@ def _load_error(spec: str, source: str, exc: BaseException) -> NormscopeError:
             return NormscopeError(
                 f"Could not fetch '{spec}' from the Hugging Face hub (no network, and no local copy in the cache); "
                 f"use a bundled model ({', '.join(BUNDLED)}) or a local folder."
+            )
+        if "safetensors" in str(exc).lower() and ("not found" in str(exc).lower() or "no file" in str(exc).lower()
+                                                   or "does not appear" in str(exc).lower()):
+            return NormscopeError(
+                f"'{spec}' ships only pickle weights (.bin), and loading a pickle can run arbitrary code; "
+                "rerun with --allow-pickle if you trust it."
             )
         if "trust_remote_code" in str(exc):
             return NormscopeError(

@@ -321,7 +321,15 @@ def run(lm: Any, sample: Any, opts: SinksOptions | None = None, progress: Any = 
         cap.clear()
         ablations = _ablate(cap, layout, resid, sample, opts, loss, advance) if opts.ablate else []
 
-    return _build_result(lm, sample, opts, layout, attn, resid, outl, loss, ablations, tok)
+    result = _build_result(lm, sample, opts, layout, attn, resid, outl, loss, ablations, tok)
+    nonfinite = cap.nonfinite_report()
+    result.payload["nonfinite"] = nonfinite
+    if nonfinite:
+        first = nonfinite[0]
+        result.summary.insert(0, f"Warning: inf/NaN values appeared at {len(nonfinite)} hook points, first at "
+                                 f"{first['point']} (batch {first['first_batch']}): the statistics there are not "
+                                 "meaningful; rerun with --dtype float32.")
+    return result
 
 
 @contextmanager

@@ -202,3 +202,21 @@ def test_sites_on_bundled_models() -> None:
     assert len(json.loads(res.stdout)["sites"]) == 61
     res = runner.invoke(app, ["sites", "minilm-l6", "--json"])
     assert len(json.loads(res.stdout)["sites"]) == 13
+
+
+def test_pickle_only_checkpoint_needs_allow_pickle(tmp_path) -> None:
+    """A folder with only pytorch_model.bin is refused (pickles run code) unless --allow-pickle is given."""
+    model = tiny_gpt2()
+    folder = tmp_path / "pickled"
+    import torch
+
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tiny_tokenizer().save_pretrained(folder)
+    assert not list(folder.glob("*.safetensors"))
+    msg = _one_line_error(runner.invoke(app, ["sites", str(folder)]))
+    assert "--allow-pickle" in msg
+    res = runner.invoke(app, ["sites", str(folder), "--allow-pickle", "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["sites"]) == 5

@@ -227,3 +227,23 @@ def test_smollm2_zeroing_massive_dims_hurts_mean_does_not(smol_result) -> None:
     abl = {r["intervention"]: r["delta_loss"] for r in smol_result.payload["ablations"]}
     assert abl["massive dims zeroed"] > 1.0  # Sun et al.: zeroing destroys the model
     assert abs(abl["massive dims set to their mean"]) < 0.1  # ...setting to the mean keeps it
+
+
+def test_nonfinite_activations_are_named_not_averaged() -> None:
+    """An overflow (here: an injected inf in block 1's output) is reported by hook point, not silently averaged."""
+    model = tiny_llama()
+    lm = _tiny_lm(model)
+
+    def overflow(module, args, out):
+        out = out.clone()
+        out[0, 3, 5] = float("inf")
+        return out
+
+    h = model.model.layers[1].register_forward_hook(overflow)
+    try:
+        result = sinks.run(lm, sample_from_ids(_rows(2, 8), ["x"] * 2))
+    finally:
+        h.remove()
+    points = [r["point"] for r in result.payload["nonfinite"]]
+    assert points[0] == "blocks.1.hook_resid_post"
+    assert "blocks.1.hook_resid_post" in result.summary[0]

@@ -53,6 +53,10 @@ TrustOpt = Annotated[
         help="Run Python code shipped in the model repository. Off by default: that code runs with your rights.",
     ),
 ]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Load pickle-only checkpoints (.bin). Off by default: a pickle can run code."),
+]
 TextOpt = Annotated[
     list[Path] | None,
     typer.Option("--text", help="Text files (.txt, .jsonl) or folders; repeat for several. Default: built-in prompts."),
@@ -165,6 +169,7 @@ def prepare(
     bos: str,
     progress: Progressor,
     for_training: bool = False,
+    allow_pickle: bool = False,
 ) -> tuple[Any, Any]:
     """Load the model and the text sample, with a spinner; every failure is a one-line NormscopeError."""
     from normscope.models import load_model
@@ -178,7 +183,8 @@ def prepare(
     torch.manual_seed(seed)
     with progress.status(f"loading {model}"):
         lm = load_model(model, revision=revision, dtype=dtype, device=device,
-                        trust_remote_code=trust_remote_code, for_training=for_training)
+                        trust_remote_code=trust_remote_code, for_training=for_training,
+                        allow_pickle=allow_pickle)
     opts = TextOptions(paths=list(text) if text else None, dataset=dataset, seq_len=seq_len,
                        max_tokens=max_tokens, batch_size=batch_size, seed=seed, bos=bos)
     with progress.status("tokenizing text"):

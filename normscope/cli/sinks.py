@@ -9,6 +9,7 @@ from rich.table import Table
 
 from normscope.cli import app
 from normscope.cli.common import (
+    AllowPickleOpt,
     BatchSizeOpt,
     BosOpt,
     DatasetOpt,
@@ -55,6 +56,7 @@ def sinks(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    allow_pickle: AllowPickleOpt = False,
     out: OutOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -65,7 +67,7 @@ def sinks(
     progress = Progressor(quiet or as_json)
     lm, sample = prepare(model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                          text=text, dataset=dataset, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                         seed=seed, bos=bos, progress=progress)
+                         seed=seed, bos=bos, progress=progress, allow_pickle=allow_pickle)
     result = analysis.run(lm, sample, analysis.SinksOptions(eps=eps, ablate=ablate), progress=progress)
     finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=_table(result))
 

@@ -7,6 +7,7 @@ import sys
 
 from normscope.cli import app
 from normscope.cli.common import (
+    AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -34,6 +35,7 @@ def sites(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
+    allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List every normalization site (name, layer, role, kind, eps, module path) of MODEL."""
@@ -42,7 +44,8 @@ def sites(
 
     quiet_libraries()
     with Progressor(as_json).status(f"loading {model}"):
-        lm = load_model(model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        lm = load_model(model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                        allow_pickle=allow_pickle)
     found = find_norm_sites(lm.model, find_layout(lm.model))
     if as_json:
         sys.stdout.write(json.dumps({"model": model, "sites": [s.to_dict() for s in found]}, indent=2) + "\n")
