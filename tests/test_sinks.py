@@ -153,7 +153,7 @@ def test_hooks_are_removed_after_run() -> None:
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
-def test_transformer_lens_bridge_agrees_on_pattern_and_scale() -> None:
+def test_transformer_lens_bridge_agrees_on_pattern_and_scale(tmp_path) -> None:
     """TransformerLens' ``attn.hook_pattern`` and ``ln1.hook_scale`` give the same numbers as our capture."""
     bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
     model = tiny_llama()
@@ -161,8 +161,14 @@ def test_transformer_lens_bridge_agrees_on_pattern_and_scale() -> None:
     rows = _rows(3, 10, seed=3)
     ids = torch.tensor(rows)
     try:
-        bridge = bridge_mod.TransformerBridge.boot_transformers("llama-tiny", hf_model=own, tokenizer=tiny_tokenizer(),
-                                                               device="cpu")
+        from transformers import AutoTokenizer
+
+        from tests.tiny import tiny_tokenizer_dir
+
+        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir(tmp_path))  # TL needs a tokenizer with a path
+        bridge = bridge_mod.TransformerBridge.boot_transformers(
+            "meta-llama/Llama-3.2-1B", hf_model=own, tokenizer=tok, device="cpu"
+        )
         _, cache = bridge.run_with_cache(ids)
     except Exception as exc:  # pragma: no cover - depends on the installed TL version
         pytest.skip(f"TransformerBridge cannot boot a tiny Llama offline here: {type(exc).__name__}: {exc}")
