@@ -857,3 +857,59 @@ table.kv td{font-family:var(--mono);padding:3px 0;overflow-wrap:anywhere}
 .refs li{margin:4px 0}
 footer{color:var(--muted);font-size:13px;padding:30px 24px 40px}
 """
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The index page of a report folder
+
+
+@dataclass
+class IndexEntry:
+    """One analysis on the index page: its headline numbers and a link to its page, or why it did not run."""
+
+    analysis: str
+    title: str
+    href: str | None  # relative link to the analysis page; None when it did not run
+    headlines: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""  # the first interpretation sentence
+    seconds: float | None = None
+    error: str | None = None  # one line: why this analysis was skipped or failed
+
+
+def render_index(title: str, meta: dict[str, Any], entries: Sequence[IndexEntry]) -> str:
+    """``index.html``: a summary card per analysis with its headline numbers and a link to its page."""
+    e = _esc
+    model = _model_name(meta)
+    version = _mget(meta, "versions", "normscope") or _safe_version("normscope")
+    cards = []
+    for en in entries:
+        head = f'<a href="{e(en.href)}">{e(en.title)}</a>' if en.href else e(en.title)
+        body = (
+            _headlines_html(en.headlines) + (f"<p>{e(en.summary)}</p>" if en.summary else "")
+            if en.error is None
+            else f'<p class="note">Not run: {e(en.error)}</p>'
+        )
+        took = f' <span class="note">({e(_fmt_seconds(en.seconds))})</span>' if en.seconds is not None else ""
+        cards.append(
+            f'<section class="analysis" id="analysis-{e(en.analysis)}"><h2>{head}{took}</h2>\n{body}</section>'
+        )
+    timings = {en.analysis: en.seconds for en in entries if en.seconds is not None}
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{e(title)} \u2014 {e(model)} \u2014 normscope</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f'<header class="top"><div class="wrap">\n<h1>{e(title)}</h1>\n'
+        f'<p class="sub"><span class="model">{e(model)}</span> \u00b7 normscope {e(version)}</p>\n'
+        '</div></header>\n<main class="wrap">\n'
+        + _settings_html(meta)
+        + "\n".join(cards)
+        + (_timings_html(timings) if timings else "")
+        + f'</main>\n<footer class="wrap">written by normscope {e(version)}</footer>\n</body>\n</html>\n'
+    )
+
+
+def write_index(title: str, meta: dict[str, Any], entries: Sequence[IndexEntry], out_dir: Path) -> Path:
+    """Write ``<out_dir>/index.html`` atomically and return its path."""
+    path = Path(out_dir) / INDEX_HREF
+    atomic_write_text(path, render_index(title, meta, entries))
+    return path

@@ -33,5 +33,6 @@ from normscope.cli import dla as _dla  # noqa: E402,F401
 from normscope.cli import grads as _grads  # noqa: E402,F401
 from normscope.cli import hubness as _hubness  # noqa: E402,F401
 from normscope.cli import remove_ln as _remove_ln  # noqa: E402,F401
+from normscope.cli import report as _report  # noqa: E402,F401
 from normscope.cli import sinks as _sinks  # noqa: E402,F401  (registers commands)
 from normscope.cli import sites as _sites  # noqa: E402,F401
