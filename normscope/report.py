@@ -874,6 +874,7 @@ class IndexEntry:
     summary: str = ""  # the first interpretation sentence
     seconds: float | None = None
     error: str | None = None  # one line: why this analysis was skipped or failed
+    note: str = ""  # plain remark shown instead of headlines (e.g. for the model-load row)
 
 
 def render_index(title: str, meta: dict[str, Any], entries: Sequence[IndexEntry]) -> str:
@@ -889,6 +890,8 @@ def render_index(title: str, meta: dict[str, Any], entries: Sequence[IndexEntry]
             if en.error is None
             else f'<p class="note">Not run: {e(en.error)}</p>'
         )
+        if en.note and en.error is None:
+            body = f'<p class="note">{e(en.note)}</p>' + body
         took = f' <span class="note">({e(_fmt_seconds(en.seconds))})</span>' if en.seconds is not None else ""
         cards.append(
             f'<section class="analysis" id="analysis-{e(en.analysis)}"><h2>{head}{took}</h2>\n{body}</section>'

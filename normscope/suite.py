@@ -81,8 +81,9 @@ def write_suite(lm: Any, sample: Any, runs: list[SuiteRun], out_dir: Path, load_
                                   r.result.summary[0] if r.result.summary else "", r.seconds))
     meta = make_meta(lm.info, sample.to_dict(), analyses=[r.name for r in runs])
     if load_seconds is not None:
-        entries.insert(0, IndexEntry("load", "Model load", None, seconds=load_seconds,
-                                     error="(the model and the text are loaded once for every analysis)"))
+        entries.insert(0, IndexEntry("load", "Model and text load", None, seconds=load_seconds,
+                                     note="The model and the text sample are loaded once and shared by every "
+                                          "analysis below."))
     return write_index(f"normscope report: {lm.info.name}", meta, entries, out_dir)
 
 
