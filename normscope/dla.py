@@ -140,14 +140,14 @@ def entropy_neuron_scores(w_out: torch.Tensor, w_u: torch.Tensor, gain: torch.Te
     the centred parts of both matter. Entropy neurons (Stolfo et al. 2024) have a large norm and a small
     variance: they write into directions the unembedding ignores. Returns ``(norm, var_cos)``, each ``[n]``.
     """
-    wo = w_out.double()
-    wu = w_u.double() * (gain.double()[None] if gain is not None else 1.0)  # [vocab, d]
+    wo = w_out.float()
+    wu = w_u.float() * (gain.float()[None] if gain is not None else 1.0)  # [vocab, d]: float32 (a big matrix)
     if centered:
         wo = wo - wo.mean(dim=0, keepdim=True)
         wu = wu - wu.mean(dim=1, keepdim=True)
     norm = wo.norm(dim=0)  # [n]
     wu_n = wu / wu.norm(dim=1, keepdim=True).clamp_min(1e-30)  # [vocab, d]
-    var = torch.empty(wo.shape[1], dtype=torch.float64)
+    var = torch.empty(wo.shape[1], dtype=torch.float32)
     for s in range(0, wo.shape[1], chunk):
         cols = wo[:, s:s + chunk]  # [d, c]
         cos = wu_n @ (cols / cols.norm(dim=0, keepdim=True).clamp_min(1e-30))  # [vocab, c]
@@ -544,8 +544,9 @@ def boot_bridge(lm: Any) -> Any:
     tok.init_kwargs = {**tok.init_kwargs, "add_bos_token": True,
                        "name_or_path": tok.init_kwargs.get("name_or_path", "")}
     name = getattr(lm.model.config, "_name_or_path", "") or lm.info.name
-    device = str(next(lm.model.parameters()).device)
-    bridge = TransformerBridge.boot_transformers(name, hf_model=own, tokenizer=tok, device=device)
+    param = next(lm.model.parameters())
+    bridge = TransformerBridge.boot_transformers(name, hf_model=own, tokenizer=tok, device=str(param.device),
+                                                 dtype=param.dtype)
     bridge.enable_compatibility_mode(disable_warnings=True, fold_ln=True, center_writing_weights=False,
                                      center_unembed=False, fold_value_biases=False)
     bridge.eval()
@@ -774,7 +775,7 @@ def _build_result(lm: Any, sample: Any, opts: DlaOptions, plan: _Plan, main: Att
         "NMAE, heads (%)": round(overall["heads"], 3),
         "NMAE, MLPs (%)": round(overall["mlp"], 3),
         "most misleading component": worst.iloc[0]["component"] if len(worst) else None,
-        "backend": "TransformerLens bridge" if backend == "bridge" else "normscope hooks",
+        "backend": "TL bridge" if backend == "bridge" else "own hooks",
         "CE (nats/token)": round(mean_ce, 4),
     }
     if cross:
@@ -836,8 +837,8 @@ def _summary(overall: dict[str, float], layers: pd.DataFrame, worst: pd.DataFram
         w = worst.iloc[0]
         out.append(
             f"The frozen scale misleads most for {w['component']}: mean |DLA - DE| = {w['mean_abs_err']:.3f} logits "
-            f"against a mean |DE| of {w['mean_abs_de']:.3f} (NMAE {w['nmae']:.0f}%). At position 0, where the "
-            f"residual carries the massive activation, NMAE is {overall['position_0']:.1f}% against "
+            f"against a mean |DE| of {w['mean_abs_de']:.3f} (NMAE {w['nmae']:.0f}%). At position 0, where models "
+            f"with attention sinks park a massive activation, NMAE is {overall['position_0']:.1f}% against "
             f"{overall['other_positions']:.1f}% elsewhere."
         )
     if backend == "bridge":
@@ -872,7 +873,7 @@ def _figures(comps: pd.DataFrame, layers: pd.DataFrame, scatter: torch.Tensor, l
     figs.append(Figure("Mean direct logit attribution per head",
                        heatmap_layer_head(grid.numpy(), "mean DLA to the next token (logits)", "mean DLA",
                                           diverging=True),
-                       "Red heads push the logit of the actual next token up on average, blue ones push it down."))
+                       "Blue heads push the logit of the actual next token up on average, red ones push it down."))
     grid = torch.tensor(heads["nmae"].to_numpy()).reshape(n_layers, n_heads)
     figs.append(Figure("NMAE of DLA against the direct effect per head",
                        heatmap_layer_head(grid.numpy(), "NMAE per head (%)", "NMAE (%)"),

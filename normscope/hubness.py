@@ -124,7 +124,7 @@ def knn_indices(
         sim = qb @ g.T  # [b, m]
         if metric == "euclidean":
             # minus the squared distance up to |q|^2 (constant per row): larger is nearer for every metric
-            sim = 2 * sim - g_sq[None, :]
+            sim.mul_(2).sub_(g_sq[None, :])
         if self_search:
             rows = torch.arange(qb.shape[0])
             sim[rows, rows + start] = -math.inf
@@ -140,12 +140,11 @@ def _topk_random_ties(sim: torch.Tensor, k: int, gen: torch.Generator) -> torch.
     kth = vals[:, -1:]  # [b, 1]
     # equal up to rounding (identical vectors can differ in the last bits of a blocked matmul)
     tol = 8 * torch.finfo(sim.dtype).eps * (kth.abs() + 1)  # [b, 1]
-    above = sim > kth + tol
-    tied = (sim - kth).abs() <= tol
-    amb = (above.sum(dim=1) + tied.sum(dim=1) > k).nonzero().flatten()
+    amb = ((sim >= kth - tol).sum(dim=1) > k).nonzero().flatten()  # more than k items reach the cut
     if amb.numel():
-        noise = torch.rand((amb.numel(), sim.shape[1]), generator=gen).to(sim.device)
-        key = torch.where(above[amb], 2.0, torch.where(tied[amb], noise, -1.0))
+        s, t, lo = sim[amb], tol[amb], kth[amb]
+        noise = torch.rand(s.shape, generator=gen).to(s.device)
+        key = torch.where(s > lo + t, 2.0, torch.where(s >= lo - t, noise, -1.0))
         idx[amb] = key.topk(k, dim=1).indices
     return idx
 

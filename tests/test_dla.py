@@ -94,8 +94,8 @@ def test_entropy_neuron_scores_against_a_loop() -> None:
             wu = w_u.double() * g.double()
             wu = wu - wu.mean(1, keepdim=True) if centered else wu
             cos = F.cosine_similarity(wu, w[None], dim=1)
-            assert float(norm[n]) == pytest.approx(float(w.norm()), rel=1e-9)
-            assert float(var[n]) == pytest.approx(float(np.var(cos.numpy())), rel=1e-9)
+            assert float(norm[n]) == pytest.approx(float(w.norm()), rel=1e-5)
+            assert float(var[n]) == pytest.approx(float(np.var(cos.numpy())), rel=1e-4)
 
 
 def test_head_outputs_add_up_to_the_attention_output(tok) -> None:

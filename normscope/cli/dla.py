@@ -36,7 +36,10 @@ from normscope.models import DEFAULT_MODEL
     "  normscope dla                                   # bundled SmolLM2-135M, TransformerLens bridge\n\n"
     "  normscope dla gpt2 --text book.txt --neurons 10\n\n"
     "  normscope dla runs/lnfree/export                # an LN-free export: NMAE should be about 0\n\n"
-    "  normscope dla smollm2-135m --backend direct     # normscope's own hooks only",
+    "  normscope dla smollm2-135m --backend direct     # normscope's own hooks only\n\n"
+    "Memory: with the bridge, a deep copy of the model plus the per-head outputs of one micro-batch of 512 tokens "
+    "(heads x 512 x d_model floats: about 0.3 GB for SmolLM2-135M); the direct path holds one batch's attention "
+    "inputs and MLP outputs. Statistics are reduced per batch, so memory does not grow with --max-tokens.",
 )
 @guarded
 def dla(
