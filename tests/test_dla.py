@@ -181,6 +181,28 @@ def test_fixed_final_scale_makes_dla_exact(factory, arch, attr, tok) -> None:
         assert any("disagreed" in n for n in auto.payload["notes"])
 
 
+@pytest.mark.parametrize("factory,arch,key", [(tiny_llama, "llama", "rms_norm_eps"),
+                                              (tiny_gpt2, "gpt2", "layer_norm_epsilon")])
+def test_full_ln_free_export_is_exact_through_the_bridge(factory, arch, key, tok) -> None:
+    """Every norm frozen the way remove-ln exports it (gain x sqrt(E) / sigma, eps E = 1e16 in the modules AND the
+    config, so TransformerLens reads the same eps): the bridge is accepted and DLA equals DE."""
+    model = factory()
+    s = sample(tok)
+    plan = dla.plan_model(tiny_lm(model, tok, arch))
+    with torch.no_grad():
+        for site in plan.sites:
+            site.module.weight.mul_(1e8 / 2.0)  # sqrt(1e16) / sigma, sigma = 2
+            for attr in ("variance_epsilon", "eps"):
+                if hasattr(site.module, attr):
+                    setattr(site.module, attr, 1e16)
+    setattr(model.config, key, 1e16)
+    res = dla.run(tiny_lm(model, tok, arch), s, dla.DlaOptions(backend="auto", neurons=1))
+    assert res.payload["backend"] == "bridge" and res.payload["crosscheck"]["agrees"]
+    assert res.payload["nmae"]["all"] < 1e-3  # float32 floor of the bridge's folded W_U
+    assert dla.run(tiny_lm(model, tok, arch), s, dla.DlaOptions(backend="direct", neurons=0)).payload["nmae"][
+        "all"] < 1e-4
+
+
 def test_entropy_neuron_shortcut_equals_an_ablated_forward_pass(tok) -> None:
     model = tiny_llama()
     lm, s = tiny_lm(model, tok), sample(tok)
