@@ -349,6 +349,52 @@ def _refuse_pickle_only(folder: Path) -> None:
         )
 
 
+def available_memory_bytes(device: str) -> int | None:
+    """Free memory where the activations will live: CUDA free memory, or MemAvailable from /proc/meminfo."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def estimate_batch_bytes(info: ModelInfo, vocab_size: int, batch_size: int, seq_len: int, *,
+                         training: bool = False) -> int:
+    """A rough upper estimate of the memory one forward pass of one batch needs beyond the weights.
+
+    Eager attention materialises ``[batch, heads, T, T]`` per layer, the MLP about 4x the hidden state, and
+    the logits ``[batch, T, vocab]`` (twice, for the loss). Training keeps every layer's activations.
+    """
+    bytes_per = 2 if info.dtype in ("bfloat16", "float16") else 4
+    tokens = batch_size * seq_len
+    hidden = tokens * info.d_model * bytes_per
+    attn = batch_size * max(info.n_heads, 1) * seq_len * seq_len * bytes_per
+    per_layer = 6 * hidden + 2 * attn
+    logits = 2 * tokens * vocab_size * 4
+    layers_alive = info.n_layers if training else 2
+    return per_layer * layers_alive + logits
+
+
+def check_memory(lm: LoadedModel, batch_size: int, seq_len: int, *, training: bool = False) -> None:
+    """Refuse, with a smaller ``--batch-size`` to try, when one batch clearly will not fit in free memory."""
+    free = available_memory_bytes(lm.info.device)
+    if free is None:
+        return
+    vocab = int(getattr(lm.model.config, "vocab_size", 0) or 0)
+    need = estimate_batch_bytes(lm.info, vocab, batch_size, seq_len, training=training)
+    if need > 0.9 * free:
+        fit = max(int(batch_size * 0.9 * free / need), 0)
+        hint = f"try --batch-size {fit}" if fit >= 1 else "use a shorter --seq-len or a bigger machine"
+        raise NormscopeError(
+            f"One batch of {batch_size} x {seq_len} tokens needs about {need / 2**30:.1f} GiB but only "
+            f"{free / 2**30:.1f} GiB is free on {lm.info.device}; {hint}."
+        )
+
+
 def _first_attr(obj: Any, names: tuple[str, ...], default: Any) -> Any:
     for n in names:
         v = getattr(obj, n, None)
@@ -391,5 +437,9 @@ def _load_error(spec: str, source: str, exc: BaseException) -> NormscopeError:
                 f"'{spec}' needs custom code from its repository; rerun with --trust-remote-code if you trust it."
             )
         return NormscopeError(f"Could not load '{spec}' from the hub: {str(exc).splitlines()[0][:200]}")
+    if "trust_remote_code" in str(exc):
+        return NormscopeError(
+            f"The model at '{spec}' needs custom code shipped with it; rerun with --trust-remote-code if you trust it."
+        )
     first = str(exc).splitlines()[0][:200] if str(exc) else ""
     return NormscopeError(f"Could not load the model at '{spec}' ({type(exc).__name__}): {first}")

@@ -185,6 +185,9 @@ def prepare(
         lm = load_model(model, revision=revision, dtype=dtype, device=device,
                         trust_remote_code=trust_remote_code, for_training=for_training,
                         allow_pickle=allow_pickle)
+    from normscope.models import check_memory
+
+    check_memory(lm, batch_size, seq_len, training=for_training)
     opts = TextOptions(paths=list(text) if text else None, dataset=dataset, seq_len=seq_len,
                        max_tokens=max_tokens, batch_size=batch_size, seed=seed, bos=bos)
     with progress.status("tokenizing text"):

@@ -1,0 +1,148 @@
+"""Hardening: what a careless or hostile user tries (the README's table lists each case and its test).
+
+Cases already covered elsewhere: binary / non-UTF-8 / empty / whitespace-only text, folders with no text,
+JSONL with a missing field (test_text.py); pickle-only checkpoints, corrupted GGUF, unknown models, offline hub
+ids, --device cuda without CUDA, a failed run keeping the previous report (test_cli.py); byte-identical JSON
+for the same seed (test_suite.py); escaping inside the report writer (test_report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from normscope.cli import app
+from normscope.errors import NormscopeError
+from normscope.models import ModelInfo, check_memory, estimate_batch_bytes, slugify
+from normscope.report import Result, write_report
+from normscope.text import TextOptions, load_text
+from tests.tiny import save_tiny, tiny_llama, tiny_tokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    return save_tiny(tiny_llama(), tiny_tokenizer(), tmp_path_factory.mktemp("h") / "llama")
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("../../etc/passwd", "etc-passwd"),
+        ("/abs/path/to/model", "to-model"),
+        ("meta-llama/Llama-3.2-1B", "meta-llama-Llama-3.2-1B"),
+        ("..", "model"),
+        ("a b<script>", "a-b-script"),
+        ("weights/SmolLM2.gguf", "weights-SmolLM2"),
+    ],
+)
+def test_report_folder_names_stay_under_reports(spec, expected) -> None:
+    slug = slugify(spec)
+    assert slug == expected
+    assert "/" not in slug and ".." not in slug and not slug.startswith(".")
+    assert (Path("reports") / slug).resolve().parent == Path("reports").resolve()
+
+
+def test_hostile_tokens_are_escaped_in_the_page(llama_dir, tmp_path) -> None:
+    """A text full of markup goes through tokenizer, tables and plots without reaching the page raw."""
+    hostile = ('</script><script>alert("x")</script> <img src=x onerror=alert(1)> "quotes" & \'single\' ' * 40)
+    f = tmp_path / "hostile.txt"
+    f.write_text(hostile)
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["sinks", str(llama_dir), "--text", str(f), "--seq-len", "16", "--out", str(out),
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    page = (out / "sinks.html").read_text()
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert page.count("<script") == page.count("</script>")  # only our own script elements
+    from tests.browser import chromium_path, screenshot
+
+    if chromium_path():
+        assert screenshot(out / "sinks.html", tmp_path / "hostile.png") == []  # no dialog, no error
+
+
+def test_two_gigabyte_file_is_streamed_not_read(tmp_path) -> None:
+    """A 2 GB text file: reading stops once --max-tokens is reached (the file is sparse: no disk is used)."""
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as fh:
+        fh.write(("The quick brown fox jumps over the lazy dog. " * 40_000).encode())
+        fh.truncate(2 * 1024**3)
+    assert big.stat().st_size == 2 * 1024**3
+    t0 = time.perf_counter()
+    sample = load_text(tiny_tokenizer(), TextOptions(paths=[big], seq_len=32, max_tokens=4096))
+    assert time.perf_counter() - t0 < 30
+    assert sample.n_tokens == 4096 and sample.truncated
+    assert sample.bytes_read < 8 * 1024**2
+
+
+def test_memory_estimate_refuses_what_cannot_fit(llama_dir) -> None:
+    from normscope.models import load_model
+
+    lm = load_model(str(llama_dir), device="cpu")
+    check_memory(lm, 8, 64)  # a tiny model fits
+    info = ModelInfo(spec="big", name="big", slug="big", source="hub", architecture="llama", n_layers=80,
+                     d_model=8192, n_heads=64, is_causal=True, max_positions=131072, dtype="float32", device="cpu")
+    need = estimate_batch_bytes(info, 128_256, 64, 8192)
+    assert need > 1e12  # 64 x 8192 tokens of a 70B-shaped model: terabytes of eager attention
+    lm.info = info
+    with pytest.raises(NormscopeError, match="--batch-size|--seq-len"):
+        check_memory(lm, 64, 8192)
+
+
+def test_concurrent_writers_never_leave_a_torn_file(tmp_path) -> None:
+    """Two runs writing the same report folder at once: every file is always one whole version."""
+    import pandas as pd
+
+    def result(tag: int) -> Result:
+        df = pd.DataFrame({"layer": range(200), "v": [tag] * 200})
+        return Result(analysis="sinks", title="t", meta={"model": {"name": "m"}},
+                      payload={"tag": tag, "big": [tag] * 5000}, tables={"layers": df})
+
+    errors: list[BaseException] = []
+
+    def writer(tag: int) -> None:
+        try:
+            for _ in range(15):
+                write_report(result(tag), tmp_path)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in (1, 2)]
+    for t in threads:
+        t.start()
+    seen = set()
+    while any(t.is_alive() for t in threads):
+        p = tmp_path / "sinks.json"
+        if p.exists():
+            data = json.loads(p.read_text())  # never a half-written file
+            assert set(data["big"]) == {data["tag"]}
+            seen.add(data["tag"])
+    for t in threads:
+        t.join()
+    assert not errors
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or p.startswith("tmp")]
+
+
+def test_trust_remote_code_is_off_and_explained() -> None:
+    res = runner.invoke(app, ["sinks", "--help"], env={"COLUMNS": "200"})
+    assert "--trust-remote-code" in res.stdout and "Off by default" in res.stdout
+
+
+def test_remote_code_model_says_so_in_one_line(tmp_path) -> None:
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "my-custom-arch", "architectures": ["MyCustomForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_custom.MyConfig",
+                     "AutoModelForCausalLM": "modeling_custom.MyCustomForCausalLM"},
+    }))
+    res = runner.invoke(app, ["sites", str(folder)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "--trust-remote-code" in res.output
