@@ -21,6 +21,7 @@ grows with layers, heads and sites, never with the number of tokens.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -148,9 +149,11 @@ class Capture:
             x = fn(x, self.ctx)
             changed = True
         reducers = self._reducers.get(point, ())
-        if reducers and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            seen = self.nonfinite.setdefault(point, {"point": point, "first_batch": self.ctx.index, "values": 0})
-            seen["values"] += int((~torch.isfinite(x)).sum())
+        if reducers and x.is_floating_point() and not math.isfinite(float(x.detach().sum(dtype=torch.float32))):
+            bad = int((~torch.isfinite(x)).sum())  # one cheap sum first; the exact count only when it is off
+            if bad:
+                seen = self.nonfinite.setdefault(point, {"point": point, "first_batch": self.ctx.index, "values": 0})
+                seen["values"] += bad
         for r in reducers:
             r.update(x.detach(), self.ctx)
         return x if changed else None

@@ -78,13 +78,15 @@ def sink_rate(alpha: torch.Tensor, eps: float = 0.3) -> float:
     return 100.0 * float((alpha > eps).float().mean()) if alpha.numel() else float("nan")
 
 
-def massive_mask(h: torch.Tensor, threshold: float = 100.0, ratio: float = 1000.0) -> torch.Tensor:
+def massive_mask(h: torch.Tensor, threshold: float = 100.0, ratio: float = 1000.0,
+                 median: torch.Tensor | None = None) -> torch.Tensor:
     """Massive activations (Sun et al.): |h| > threshold and > ratio x the median |h| of each sequence.
 
-    h: ``[batch, pos, d_model]``; returns a bool mask of the same shape.
+    h: ``[batch, pos, d_model]``; ``median``: ``[batch]`` median |h| when already known. Returns a bool mask
+    of the same shape as h.
     """
     a = h.float().abs()
-    med = a.flatten(1).median(dim=1).values  # [batch]
+    med = a.flatten(1).median(dim=1).values if median is None else median  # [batch]
     return (a > threshold) & (a > ratio * med[:, None, None])
 
 
@@ -167,12 +169,13 @@ class ResidualReducer:
         d_model = h.shape[-1]
         for idx in top.indices[:, 0].tolist():
             self.top1_where[(idx % d_model, idx // d_model)] += 1
-        self.median_sum += float(flat.median(dim=1).values.double().sum())
+        med = flat.median(dim=1).values  # [batch]
+        self.median_sum += float(med.double().sum())
         self.n_seq += h.shape[0]
         s = a.sum(dim=(0, 1)).double().cpu()  # [d_model]
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.n_tok += h.shape[0] * h.shape[1]
-        mask = massive_mask(h, self.threshold, self.ratio)
+        mask = (a > self.threshold) & (a > self.ratio * med[:, None, None])  # massive_mask, median reused
         if mask.any():
             ids = ctx.input_ids
             for bi, pos, dim in mask.nonzero().tolist():
