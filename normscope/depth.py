@@ -36,7 +36,7 @@ import plotly.graph_objects as go
 import torch
 
 from normscope.analysis import LossMeter, build_meta
-from normscope.capture import BatchContext, Capture, TokenMoments
+from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
 from normscope.report import Figure, Result, plot_text
 from normscope.sites import find_layout, find_norm_sites
@@ -244,8 +244,75 @@ class _Call:
         self.update = fn
 
 
-def _ident(v: torch.Tensor) -> torch.Tensor:
-    return v
+class BatchMoments:
+    """Running count, mean and variance of many per-token quantities, position 0 and the rest kept apart.
+
+    Hooks ``put`` one ``[batch, pos]`` tensor per quantity; :meth:`flush` (once per batch, after the forward
+    pass) stacks the batch's ``[K, batch, pos]`` values and folds them into float64 sums with a handful of
+    ops, so the cost does not grow with the number of reductions per hook. Nothing outlives the batch.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._cur: dict[int, torch.Tensor] = {}
+        self.n = torch.zeros(0, 2, dtype=torch.float64)  # [K, (pos0, rest)]
+        self.s = torch.zeros(0, 2, dtype=torch.float64)
+        self.s2 = torch.zeros(0, 2, dtype=torch.float64)
+
+    def slot(self, name: str) -> Slot:
+        self.names.append(name)
+        k = len(self.names)
+        self.n, self.s, self.s2 = (torch.zeros(k, 2, dtype=torch.float64) for _ in range(3))
+        return Slot(self, k - 1)
+
+    def put(self, k: int, v: torch.Tensor) -> None:
+        self._cur[k] = v.detach()  # [batch, pos]
+
+    def flush(self, attention_mask: torch.Tensor) -> None:
+        """Fold the current batch into the sums. attention_mask: ``[batch, pos]``; pads are left out."""
+        if not self._cur:
+            return
+        idx = torch.tensor(sorted(self._cur))
+        v = torch.stack([self._cur[int(k)].to(attention_mask.device) for k in idx]).double()  # [k, batch, pos]
+        w = attention_mask.bool().unsqueeze(0)  # [1, batch, pos]
+        v = torch.where(w, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        sums = torch.stack([v[:, :, 0].sum(1), v[:, :, 1:].sum((1, 2))], dim=1).cpu()  # [k, 2]
+        sq = v.square()
+        sums2 = torch.stack([sq[:, :, 0].sum(1), sq[:, :, 1:].sum((1, 2))], dim=1).cpu()
+        counts = torch.tensor([float(w[0, :, 0].sum()), float(w[0, :, 1:].sum())], dtype=torch.float64)
+        self.n.index_add_(0, idx, counts.expand(len(idx), 2).contiguous())
+        self.s.index_add_(0, idx, sums)
+        self.s2.index_add_(0, idx, sums2)
+        self._cur = {}
+
+
+@dataclass
+class Slot:
+    """One quantity of a :class:`BatchMoments`: ``mean(key)``, ``var(key)``, ``n[key]`` with key pos0 / rest."""
+
+    owner: BatchMoments
+    k: int
+
+    @property
+    def n(self) -> dict[str, float]:
+        row = self.owner.n[self.k]
+        return {"pos0": float(row[0]), "rest": float(row[1])}
+
+    def mean(self, key: str = "rest") -> float:
+        j = 0 if key == "pos0" else 1
+        n = float(self.owner.n[self.k, j])
+        return float(self.owner.s[self.k, j]) / n if n else float("nan")
+
+    def var(self, key: str = "rest") -> float:
+        j = 0 if key == "pos0" else 1
+        n = float(self.owner.n[self.k, j])
+        if not n:
+            return float("nan")
+        m = float(self.owner.s[self.k, j]) / n
+        return max(float(self.owner.s2[self.k, j]) / n - m * m, 0.0)
+
+    def put(self, v: torch.Tensor) -> None:
+        self.owner.put(self.k, v)
 
 
 class AngularAccumulator:
@@ -281,30 +348,30 @@ class AngularAccumulator:
 class ResidualStats:
     """Per residual point: moments of the token L2 norm and variance (position 0 apart), and the last token."""
 
-    def __init__(self, point: int, angular: AngularAccumulator) -> None:
+    def __init__(self, point: int, angular: AngularAccumulator, moments: BatchMoments) -> None:
         self.point, self.angular = point, angular
-        self.norm = TokenMoments(token_l2)
-        self.var = TokenMoments(token_variance)
+        self.norm = moments.slot(f"resid.{point}.norm")
+        self.var = moments.slot(f"resid.{point}.var")
 
     def update(self, h: torch.Tensor, ctx: BatchContext) -> None:
-        self.norm.update(h, ctx)  # h: [batch, pos, d_model]
-        self.var.update(h, ctx)
+        self.norm.put(token_l2(h))  # h: [batch, pos, d_model] -> [batch, pos]
+        self.var.put(token_variance(h))
         self.angular.add(self.point, h, ctx)
 
 
 class SiteStats:
     """Per norm site: moments of its divisor (``hook_scale``) and of its output variance (``hook_out``)."""
 
-    def __init__(self, site: Any) -> None:
+    def __init__(self, site: Any, moments: BatchMoments) -> None:
         self.site = site
-        self.divisor = TokenMoments(per_token)
-        self.out_var = TokenMoments(token_variance)
+        self.divisor = moments.slot(f"{site.name}.divisor")
+        self.out_var = moments.slot(f"{site.name}.out_var")
 
     def on_scale(self, d: torch.Tensor, ctx: BatchContext) -> None:
-        self.divisor.update(as_tokens(d, ctx), ctx)  # [batch, pos, 1] (or [b, p, heads, 1])
+        self.divisor.put(per_token(as_tokens(d, ctx)))  # [batch, pos, 1] (or [b, p, heads, 1]) -> [batch, pos]
 
     def on_out(self, y: torch.Tensor, ctx: BatchContext) -> None:
-        self.out_var.update(as_tokens(y, ctx), ctx)  # [batch, pos, d]
+        self.out_var.put(token_variance(as_tokens(y, ctx)))  # [batch, pos, d] -> [batch, pos]
 
 
 class BlockUpdate:
@@ -321,11 +388,11 @@ class BlockUpdate:
     * ``attn_out``: h + the attention module's output (blocks with no separable pre-MLP norm).
     """
 
-    def __init__(self, layer: int, mode: str) -> None:
+    def __init__(self, layer: int, mode: str, moments: BatchMoments) -> None:
         self.layer, self.mode = layer, mode
-        self.total = TokenMoments(_ident)
-        self.attn = TokenMoments(_ident)
-        self.mlp = TokenMoments(_ident)
+        self.total = moments.slot(f"blocks.{layer}.rel_update")
+        self.attn = moments.slot(f"blocks.{layer}.rel_update_attn")
+        self.mlp = moments.slot(f"blocks.{layer}.rel_update_mlp")
         self.parallel = False
         self._pre: torch.Tensor | None = None
         self._ln2_in: torch.Tensor | None = None
@@ -355,10 +422,10 @@ class BlockUpdate:
             self.parallel = self.mode == "pre_ln"
             mid = pre.float() + self._attn_out.float()
         denom = pre.float().norm(dim=-1).clamp_min(1e-30)  # [batch, pos]
-        self.total.update(relative_update(pre, h_out), ctx)
+        self.total.put((h_out.float() - pre.float()).norm(dim=-1) / denom)
         if mid is not None:
-            self.attn.update((mid.float() - pre.float()).norm(dim=-1) / denom, ctx)
-            self.mlp.update((h_out.float() - mid.float()).norm(dim=-1) / denom, ctx)
+            self.attn.put((mid.float() - pre.float()).norm(dim=-1) / denom)
+            self.mlp.put((h_out.float() - mid.float()).norm(dim=-1) / denom)
         self._pre = self._ln2_in = self._attn_out = self._mid = None
 
 
@@ -381,6 +448,7 @@ class PassStats:
     blocks: dict[int, BlockUpdate]
     angular: AngularAccumulator
     loss: LossMeter | None
+    moments: BatchMoments
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -389,20 +457,21 @@ def _register_stats(cap: Capture, layout: Any, sites: list[Any], label: str, cau
     """Add every depth reducer of one pass to ``cap``: all of them are fed by the same forward pass."""
     n_points = layout.n_layers + 1
     angular = AngularAccumulator(n_points)
-    residual = [ResidualStats(p, angular) for p in range(n_points)]
+    moments = BatchMoments()
+    residual = [ResidualStats(p, angular, moments) for p in range(n_points)]
     cap.add(f"blocks.{layout.blocks[0].index}.hook_resid_pre", residual[0])
     for k, b in enumerate(layout.blocks):
         cap.add(f"blocks.{b.index}.hook_resid_post", residual[k + 1])
     site_stats: dict[str, SiteStats] = {}
     for s in sites:
-        st = SiteStats(s)
+        st = SiteStats(s, moments)
         cap.add(f"{s.name}.hook_scale", _Call(st.on_scale))
         cap.add(f"{s.name}.hook_out", _Call(st.on_out))
         site_stats[s.name] = st
     blocks: dict[int, BlockUpdate] = {}
     for b in layout.blocks:
         in_block = {s.name: s for s in sites if s.layer == b.index}
-        bu = BlockUpdate(b.index, _block_mode(b, in_block))
+        bu = BlockUpdate(b.index, _block_mode(b, in_block), moments)
         i = b.index
         cap.add(f"blocks.{i}.hook_resid_pre", _Call(bu.on_pre))
         if bu.mode == "pre_ln":
@@ -415,7 +484,18 @@ def _register_stats(cap: Capture, layout: Any, sites: list[Any], label: str, cau
             cap.add(f"blocks.{i}.attn.hook_out", _Call(bu.on_attn_out))
         cap.add(f"blocks.{i}.hook_resid_post", _Call(bu.on_post))
         blocks[i] = bu
-    return PassStats(label, residual, site_stats, blocks, angular, LossMeter() if causal else None)
+    return PassStats(label, residual, site_stats, blocks, angular, LossMeter() if causal else None, moments)
+
+
+def _end_of_batch(stats: PassStats) -> Callable[[Any, BatchContext], None]:
+    """``on_output`` for Capture.run: fold the batch's per-token values, then score the loss."""
+
+    def fn(out: Any, ctx: BatchContext) -> None:
+        stats.moments.flush(ctx.attention_mask)
+        if stats.loss is not None:
+            stats.loss(out, ctx)
+
+    return fn
 
 
 def skip_interventions(cap: Capture, block_indices: list[int]) -> None:
@@ -485,7 +565,7 @@ def _stats_pass(model: Any, layout: Any, sites: list[Any], batches: list[TokenBa
     n_tok = sum(int(b.attention_mask.sum()) for b in batches)
     t0 = time.perf_counter()
     with _task(progress, task, n_tok) as adv, cap:
-        cap.run(batches, on_output=stats.loss, progress=adv)
+        cap.run(batches, on_output=_end_of_batch(stats), progress=adv)
     stats.seconds = time.perf_counter() - t0
     stats.extra["nonfinite"] = cap.nonfinite_report()
     return stats
@@ -513,7 +593,7 @@ def run(lm: Any, sample: Any, opts: DepthOptions | None = None, progress: Any = 
     if not layout.blocks:
         raise NormscopeError(f"{type(model).__name__} has no transformer blocks normscope recognises.")
     sites = find_norm_sites(model, layout)
-    causal = bool(layout.is_causal and getattr(model, "get_output_embeddings", lambda: None)() is not None)
+    causal = bool(layout.is_causal and layout.unembed is not None)  # next-token loss needs logits
     n_blocks = layout.n_layers
     pre_norm = [s for s in sites if s.role in PRE_NORM_ROLES]
 
