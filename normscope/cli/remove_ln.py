@@ -1,1 +1,267 @@
-"""Placeholder: the command is registered here when its issue lands."""
+"""``normscope remove-ln MODEL``: fine-tune the norms away, export a plain checkpoint, report the CE gap."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from normscope.cli import app
+from normscope.cli.common import (
+    BatchSizeOpt,
+    BosOpt,
+    DatasetOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelArg,
+    OutOpt,
+    Progressor,
+    QuietOpt,
+    RevisionOpt,
+    SeedOpt,
+    TextOpt,
+    TrustOpt,
+    eprint,
+    err_console,
+    finish,
+    guarded,
+    quiet_libraries,
+)
+from normscope.errors import NormscopeError
+from normscope.models import DEFAULT_MODEL
+
+
+class RemovalProgress(Progressor):
+    """The shared progress bars plus a training bar showing loss, CE, aux loss and the sites removed."""
+
+    @contextlib.contextmanager
+    def training(self, label: str, steps: int, start: int, n_sites: int) -> Iterator[Any]:
+        if self.quiet:
+            yield lambda log: None
+            return
+        cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  CE {task.fields[ce]}  aux {task.fields[aux]}  "
+                           "KL {task.fields[kl]}  removed {task.fields[removed]}/" + str(n_sites)),
+                TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*cols, console=err_console, transient=True) as prog:
+            tid = prog.add_task(label, total=steps, completed=start, loss="-", ce="-", aux="-", kl="-", removed=0)
+
+            def on_step(log: Any) -> None:
+                prog.update(tid, completed=log.step + 1, loss=f"{log.loss:.3f}", ce=f"{log.ce:.3f}",
+                            aux=f"{log.aux:.3f}", kl=f"{log.kl:.3f}", removed=log.n_removed)
+                if log.skipped:
+                    prog.console.print(f"step {log.step}: non-finite loss or gradient, step skipped", highlight=False)
+
+            yield on_step
+
+
+DEFAULT_SELF_GENERATED = 512  # sequences sampled when no training text is given
+Steps = Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps (the paper: 300 for GPT-2 small).")]
+Gap = Annotated[float | None, typer.Option(min=0.0)]
+
+
+@app.command(
+    "remove-ln",
+    epilog="Cost: one training step is a forward and backward pass over --batch-size x --seq-len tokens per "
+    "micro-batch (SmolLM2-135M, 8 x 128 tokens, 2 CPU cores: ~5 s); --distill adds a forward pass of the original "
+    "model, --control runs every step twice. Checkpoints go to --run-dir; Ctrl-C or SIGTERM saves one first. "
+    "On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread oversubscription (measured here: a "
+    "4 x 128 step took 40 s with 2 threads against a busy neighbour, 5.5 s with 1).\n\n"
+    "Examples:\n\n"
+    "  normscope remove-ln smollm2-135m --text books/ --eval-text heldout.txt --steps 300 --control\n\n"
+    "  normscope remove-ln gpt2-xl --steps 500                  # trains on text the model samples itself\n\n"
+    "  normscope remove-ln gpt2-xl --steps 500 --text owt/ --lr 1e-4 --aux-weight 0.01\n\n"
+    "  normscope remove-ln smollm2-135m --self-generated 256 --distill --steps 200   # no corpus needed\n\n"
+    "  normscope remove-ln smollm2-135m --text books/ --sites 'blocks.2[0-9].*' --sites ln_final --no-export\n\n"
+    "  normscope remove-ln smollm2-135m --text books/ --resume                      # continue after a stop\n\n"
+    "  torchrun --nproc-per-node 2 .venv/bin/normscope remove-ln MODEL --text books/ --grad-accum 2   # DDP",
+)
+@guarded
+def remove_ln(
+    model: ModelArg = DEFAULT_MODEL,
+    text: TextOpt = None,
+    dataset: DatasetOpt = None,
+    eval_text: Annotated[list[Path] | None, typer.Option(
+        "--eval-text",
+        help="Held-out text for the CE table (never the training text). Default: built-in prompts.")] = None,
+    self_generated: Annotated[int, typer.Option(
+        "--self-generated", min=0,
+        help="Train on N sequences sampled from the original model (no corpus needed; the default when no "
+        "--text or --dataset is given, with N = steps x batch, at most 512).")] = 0,
+    steps: Steps = 300,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training and evaluation sequence.")] = 128,
+    batch_size: BatchSizeOpt = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1,
+                                            help="Micro-batches per step, over all processes.")] = 1,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", min=1,
+        help="Training tokens to read (default: enough for every step to see new text).")] = None,
+    eval_max_tokens: Annotated[int, typer.Option("--eval-max-tokens", min=1,
+                                                 help="Held-out tokens to score.")] = 16384,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate (warmup, then cosine).")] = 2e-4,
+    warmup: Annotated[int | None, typer.Option("--warmup", min=0, help="Warmup steps (default 5%).")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 0.01,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", min=0.0, help="Max gradient norm (0: off).")] = 1.0,
+    aux_weight: Annotated[float, typer.Option(
+        "--aux-weight", min=0.0, help="Weight of the auxiliary loss on the spread of per-token norms.")] = 0.1,
+    aux_sites: Annotated[str, typer.Option(
+        "--aux-sites", help="final (the residual entering the final norm, as published), all, or none.")] = "final",
+    aux_form: Annotated[str, typer.Option(
+        "--aux-form", help="squared (the published form, divided by target^2) or log (bounded; for --aux-sites "
+        "all).")] = "squared",
+    distill: Annotated[bool, typer.Option(
+        "--distill", help="Add a KL term to the original model's next-token distribution.")] = False,
+    distill_weight: Annotated[float, typer.Option("--distill-weight", min=0.0)] = 1.0,
+    control: Annotated[bool, typer.Option(
+        "--control",
+        help="Also fine-tune with the norms kept (same steps, data, CE + aux loss; no --distill): the paper's "
+        "control, the reference for the gap.")] = False,
+    first_token: Annotated[bool, typer.Option(
+        "--first-token-divisor/--no-first-token-divisor",
+        help="Give position 0 its own frozen divisor, blended into the shared one before the end.")] = True,
+    split_v: Annotated[bool, typer.Option(
+        "--split-v/--no-split-v", help="Remove the attention norm's path to V after its path to Q and K.")] = True,
+    sites: Annotated[list[str] | None, typer.Option(
+        "--sites", help="Remove only sites matching these globs (e.g. 'blocks.2[0-9].*', ln_final).")] = None,
+    start: Annotated[int | None, typer.Option("--start", min=1, help="Step of the first removal.")] = None,
+    gap_ln2: Annotated[float | None, typer.Option("--gap-ln2", min=0.0, help="Steps between pre-MLP norms.")] = None,
+    gap_ln1qk: Annotated[float | None, typer.Option("--gap-ln1qk", min=0.0,
+                                                    help="Steps between pre-attention Q/K paths.")] = None,
+    gap_ln1v: Annotated[float | None, typer.Option("--gap-ln1v", min=0.0,
+                                                   help="Steps between pre-attention V paths.")] = None,
+    gap_qk_norm: Annotated[float | None, typer.Option("--gap-qk-norm", min=0.0,
+                                                      help="Steps between qk-norms and other norms.")] = None,
+    gap_final: Annotated[float | None, typer.Option("--gap-final", min=0.0,
+                                                    help="Steps before the final norm.")] = None,
+    first_token_steps: Annotated[int | None, typer.Option(
+        "--first-token-steps", min=0, help="Steps over which position-0 divisors blend into the shared ones.")] = None,
+    ramp_steps: Annotated[int | None, typer.Option(
+        "--ramp-steps", min=1, help="Steps over which each removed site moves from its per-token to its frozen "
+        "divisor (1: at once, as published; default 10% of --steps).")] = None,
+    momentum: Annotated[float, typer.Option("--momentum", min=0.0, max=1.0,
+                                            help="EMA momentum of the divisors.")] = 0.9,
+    save_every: Annotated[int, typer.Option("--save-every", min=0,
+                                            help="Steps between checkpoints (0: end only).")] = 50,
+    run_dir: Annotated[Path | None, typer.Option(
+        "--run-dir", help="Checkpoints and the exported model. Default: runs/remove-ln/<model>/.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --run-dir.")] = False,
+    export: Annotated[bool, typer.Option("--export/--no-export", help="Write the plain LN-free checkpoint.")] = True,
+    export_dir: Annotated[Path | None, typer.Option(
+        "--export-dir", help="Where the LN-free checkpoint goes. Default: <run-dir>/ln-free-model.")] = None,
+    only: Annotated[str | None, typer.Option(
+        "--only", help="Train only 'ln-free' or 'control' and stop: run both in parallel processes, then the same "
+        "command with --resume --control evaluates them.")] = None,
+    site_costs: Annotated[bool, typer.Option(
+        "--site-costs", help="First measure each site's CE cost when frozen alone, without training.")] = False,
+    seed: SeedOpt = 0,
+    bos: BosOpt = "auto",
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    out: OutOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove every LayerNorm / RMSNorm by fine-tuning (Baroni et al. 2025) and export a plain LN-free model."""
+    import torch
+
+    from normscope.models import load_model
+    from normscope.removal import RemoveLnOptions, ScheduleOptions, StopFlag, TrainingStopped, TrainOptions
+    from normscope.removal.pipeline import check, run, self_generated_sample
+    from normscope.text import TextOptions, load_text
+
+    quiet_libraries()
+    progress = RemovalProgress(quiet or as_json)
+    if bos not in ("auto", "yes", "no"):
+        raise NormscopeError(f"--bos must be auto, yes or no, not '{bos}'.")
+    if sum(bool(x) for x in (text, dataset, self_generated)) > 1:
+        raise NormscopeError("Give one source of training text: --text, --dataset or --self-generated.")
+    if text and eval_text:
+        overlap = {p.resolve() for p in text} & {p.resolve() for p in eval_text}
+        if overlap:
+            raise NormscopeError(f"{sorted(overlap)[0]} is both training and held-out text; give --eval-text a "
+                                 "different file, or the CE table would report on text the model was tuned on.")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto" and world > 1 and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    torch.manual_seed(seed)
+    with progress.status(f"loading {model}"):
+        lm = load_model(model, revision=revision, dtype="float32", device=device,
+                        trust_remote_code=trust_remote_code)
+    if not lm.info.is_causal:
+        raise NormscopeError(f"remove-ln fine-tunes next-token prediction, so it needs a causal LM; {model} is an "
+                             "encoder.")
+    rdir = run_dir or Path("runs") / "remove-ln" / lm.info.slug
+    sched = ScheduleOptions(start=start, gap_ln2=gap_ln2, gap_ln1qk=gap_ln1qk, gap_ln1v=gap_ln1v,
+                            gap_qk_norm=gap_qk_norm, gap_final=gap_final, first_token_steps=first_token_steps,
+                            ramp_steps=ramp_steps)
+    topts = TrainOptions(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
+                         grad_accum=grad_accum, aux_weight=aux_weight, aux_sites=aux_sites, aux_form=aux_form,
+                         distill_weight=distill_weight if distill else 0.0, momentum=momentum,
+                         first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
+                         save_every=save_every)
+    ropts = RemoveLnOptions(train=topts, control=control, sites=sites, run_dir=rdir, resume=resume, export=export,
+                            export_dir=export_dir, site_costs=site_costs, only=only)
+    check(lm, ropts)
+    tokens_needed = max_tokens or steps * grad_accum * batch_size * seq_len
+    if not text and not dataset and not self_generated:
+        self_generated = min(steps * grad_accum * batch_size, DEFAULT_SELF_GENERATED)
+        if not quiet:
+            eprint(f"no --text given: training on {self_generated} sequences sampled from the model itself "
+                   "(--self-generated); give --text for your own corpus.")
+    if self_generated:
+        train_sample = self_generated_sample(lm, self_generated, seq_len, batch_size, seed,
+                                             cache=rdir / f"self-generated-{self_generated}x{seq_len}-s{seed}.pt",
+                                             progress=progress)
+        data_note = (f"{self_generated} sequences of {seq_len} tokens sampled from {model} itself "
+                     f"(temperature 1, seed {seed})")
+    else:
+        opts = TextOptions(paths=list(text) if text else None, dataset=dataset, seq_len=seq_len,
+                           max_tokens=tokens_needed,
+                           batch_size=batch_size, seed=seed, bos=bos, controls=False)
+        with progress.status("tokenizing training text"):
+            train_sample = load_text(lm.tokenizer, opts, max_positions=lm.info.max_positions, is_causal=True)
+        data_note = train_sample.source
+    eopts = TextOptions(paths=list(eval_text) if eval_text else None, seq_len=seq_len, max_tokens=eval_max_tokens,
+                        batch_size=batch_size, seed=seed, bos=bos, controls=False)
+    try:
+        eval_sample = load_text(lm.tokenizer, eopts, max_positions=lm.info.max_positions, is_causal=True)
+    except NormscopeError as exc:
+        raise NormscopeError(f"--eval-text is unusable: {exc}") from None
+    ropts.data_note = data_note
+    try:
+        result = run(lm, train_sample, eval_sample, ropts, progress=progress, stop=StopFlag())
+    except TrainingStopped as exc:
+        eprint(f"{exc.signame}: saved a checkpoint after step {exc.step} in {exc.path}; continue with the same "
+               "command plus --resume.")
+        raise typer.Exit(code=143 if exc.signame == "SIGTERM" else 130) from None
+    if result is None:  # --only, or a non-zero rank of a distributed run
+        if only and not quiet and int(os.environ.get("RANK", "0")) == 0:
+            eprint(f"{only} run trained in {rdir}; evaluate with the same command plus --resume --control "
+                   "(without --only).")
+        return
+    finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=_table(result))
+
+
+def _table(result: Any) -> Table:
+    t = Table(title=f"remove-ln: {result.payload['model']}  (held-out CE, nats per token)")
+    for col in ("model", "mean", "median", "p99", "p99.9", "max", "vs control"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in result.payload["ce"]:
+        gap = r.get("gap_vs_control")
+        t.add_row(r["model"], f"{r['mean']:.4f}", f"{r['median']:.3f}", f"{r['p99']:.2f}", f"{r['p99_9']:.2f}",
+                  f"{r['max']:.2f}", "" if gap is None else f"{gap:+.4f}")
+    return t

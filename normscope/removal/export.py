@@ -1,0 +1,153 @@
+"""Export an LN-free model as a plain transformers checkpoint that any tool loads with no custom code.
+
+The frozen divisors are folded into the norms themselves, the trick of Baroni et al. 2025 (their models
+``schaeff/gpt2-*_LNFree*`` set the LN weight to ``w * 1e6 / sigma`` with ``eps = 1e12``): with a huge
+``eps = E`` every site computes ``x_c / sqrt(var + E) * w' + b``, and when ``var << E`` the divisor is the
+constant ``sqrt(E)``, so ``w' = w * sqrt(E) / sigma`` gives exactly the frozen site ``x_c / sigma * w + b``.
+The same works for RMSNorm (``mean(x^2)`` in place of ``var``). In fp32, ``var + E`` rounds to ``E`` exactly
+once ``var < E * 2^-24``; with the default ``E = 1e16`` that holds for per-token RMS up to ~24,000, and the
+relative error is at most ``var / (2E)`` above it. Folded gains reach ~1e8 / sigma: load the export in
+float32 or bfloat16, not float16.
+
+transformers builds every norm from one config eps (``rms_norm_eps``, ``layer_norm_epsilon``, ...), so every
+site must be frozen for a plain checkpoint; a position-0 divisor cannot be expressed either, so the first-token
+blend must have reached 1 (the schedule makes sure of it). A manifest (``normscope_removal.json``) lists every
+site's divisor, the schedule and the training settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from normscope.errors import NormscopeError
+from normscope.removal.frozen import Removal
+
+DEFAULT_EPS = 1e16
+MANIFEST = "normscope_removal.json"
+_EPS_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps", "layernorm_epsilon",
+             "epsilon", "eps")
+
+
+def folded_gain(weight: torch.Tensor, divisor: float, eps: float, gain_offset: float = 0.0) -> torch.Tensor:
+    """The gain that makes ``x_c / sqrt(var + eps) * gain`` equal ``x_c / divisor * weight`` for small var.
+
+    weight: ``[d]``. With a ``1 + w`` gain (Gemma, ``gain_offset`` 1) the stored weight is the new gain minus
+    the offset. Computed in float64, returned in the weight's dtype.
+    """
+    w = weight.detach().double() + gain_offset
+    return (w * (math.sqrt(eps) / divisor) - gain_offset).to(weight.dtype)
+
+
+def export_check(removal: Removal) -> None:
+    """One-line errors when the frozen model cannot be written as a plain checkpoint."""
+    live = [w.site_name for w in removal if not w.fully_frozen]
+    if live:
+        raise NormscopeError(
+            f"{len(live)} norm site(s) are still live (e.g. {live[0]}): a plain checkpoint has one eps for every "
+            "norm, so only a model with every site removed can be exported; remove all sites or skip --export."
+        )
+    pending = [w.site_name for w in removal if w.first_token and w.divisor_first is not None and w.first_blend < 1]
+    if pending:
+        raise NormscopeError(
+            f"{pending[0]} still gives position 0 its own divisor, which a plain checkpoint cannot express; train "
+            "until the schedule has blended the first-token divisors away."
+        )
+    no_gain = [w.site_name for w in removal if w.weight is None]
+    if no_gain:
+        raise NormscopeError(f"{no_gain[0]} has no gain to fold the divisor into; this model cannot be exported.")
+
+
+def _eps_keys(config: Any, old_eps: set[float]) -> list[str]:
+    keys = []
+    for k in _EPS_KEYS:
+        v = getattr(config, k, None)
+        if isinstance(v, float) and any(math.isclose(v, e, rel_tol=1e-3) for e in old_eps):
+            keys.append(k)
+    return keys
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A fresh instance of ``model``'s class with its current weights (the wrappers share the original keys)."""
+    fresh = type(model)._from_config(model.config, attn_implementation="eager", dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
+    if hasattr(fresh, "tie_weights"):
+        fresh.tie_weights()
+    return fresh.to(next(model.parameters()).device).eval()
+
+
+def fold(model: nn.Module, removal: Removal, eps: float = DEFAULT_EPS) -> nn.Module:
+    """A plain copy of the frozen ``model`` with every divisor folded into its norm gains and eps set to ``eps``."""
+    export_check(removal)
+    plain = plain_copy(model)
+    old_eps = {w.eps for w in removal}
+    with torch.no_grad():
+        for w in removal:
+            site = next(s for s in removal.sites if s.name == w.site_name)
+            mod = plain.get_submodule(site.path)
+            assert w.divisor is not None
+            mod.weight.copy_(folded_gain(mod.weight, w.divisor, eps, w.gain_offset))
+            for attr in ("eps", "variance_epsilon", "epsilon"):
+                if isinstance(getattr(mod, attr, None), float):
+                    setattr(mod, attr, eps)
+    keys = _eps_keys(plain.config, old_eps)
+    if not keys:
+        raise NormscopeError(f"{type(plain.config).__name__} has no eps setting normscope knows "
+                             f"({', '.join(_EPS_KEYS)}); this model cannot be exported as a plain checkpoint.")
+    for k in keys:
+        setattr(plain.config, k, eps)
+    return plain
+
+
+def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Path, manifest: dict[str, Any],
+                 eps: float = DEFAULT_EPS) -> tuple[Path, nn.Module]:
+    """Fold, then write ``out_dir`` (safetensors, config, tokenizer, manifest) atomically; returns the folder
+    and the folded in-memory model."""
+    plain = fold(model, removal, eps)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        sites = []
+        for w in removal:
+            site = next(s for s in removal.sites if s.name == w.site_name)
+            sites.append({"name": w.site_name, "path": site.path, "role": w.role, "kind": site.kind,
+                          "divisor": w.divisor, "first_token_divisor": w.divisor_first,
+                          "frozen_at_step": w.frozen_at, "value_path_frozen_at_step": w.frozen_v_at,
+                          "original_eps": w.eps})
+        full = {"format": "normscope LN-free export", "eps": eps,
+                "note": ("Every norm divides by the constant sqrt(eps): gain = w * sqrt(eps) / divisor. Load in "
+                         "float32 or bfloat16 (float16 overflows the folded gains). Replace the norms by their "
+                         "gain (an elementwise scale) after folding for exact linear attribution."),
+                "sites": sites, **manifest}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir, plain
+
+
+def max_relative_fold_error(max_mean_square: float, eps: float = DEFAULT_EPS) -> float:
+    """Bound on |sqrt(ms + eps) / sqrt(eps) - 1| for the largest mean square seen at any site."""
+    return math.sqrt(1.0 + max_mean_square / eps) - 1.0

@@ -1,0 +1,414 @@
+"""Frozen-divisor norm sites: the replacement that lets a model be fine-tuned until its norms are gone.
+
+Heimersheim 2024 ("You can remove GPT2's LayerNorm by fine-tuning") and Baroni et al. 2025 ("Transformers
+Don't Need LayerNorm at Inference Time", code ``submarat/removing-layer-norm``): each norm keeps its
+centring (LayerNorm only), its gain and its bias; only the per-token divisor (std or RMS) becomes one frozen
+scalar per site. While a site is still live, the scalar is tracked as an exponential moving average of the
+per-token divisor (mean over the batch and the positions); it is frozen at the step the site is removed.
+
+:class:`FrozenNorm` wraps one norm module in place. It registers the original module's ``weight`` and
+``bias`` Parameter objects under the same names, so ``model.state_dict()`` keeps the keys of the original
+architecture, and it calls the original module for the live path, so a live site is bit-identical to the
+original. The divisor state (EMA, frozen values, modes) is plain Python floats and flags that
+:meth:`FrozenNorm.state` / :meth:`FrozenNorm.load_state` serialise exactly.
+
+Two extensions of the paper's replacement:
+
+* **Separate first-token divisor.** Position 0 of a window often carries a massive activation (SmolLM2: about
+  25,000 in hidden dim 507, an RMS about 170x that of other tokens), so one divisor averaged over all
+  positions is wrong for both kinds of token. With ``first_token=True`` the EMA of ordinary positions
+  (1, 2, ...) and that of position 0 are tracked apart, and a frozen site divides position 0 by its own
+  value ``d0 ** (1 - a) * d ** a``; the schedule raises the blend ``a`` from 0 to 1 before the end, so the
+  exported model (which cannot know positions) divides every token by ``d``. The paper's code keeps a
+  separate BOS std in the same way until its ``start_bos`` step.
+* **Split attention input.** The paper removes the pre-attention norm in two steps, first on the path to the
+  queries and keys, then on the path to the values, so the attention reads two differently normalised inputs
+  in between. :func:`attach_value_path` wires that without changing the attention code: the norm's output goes
+  to Q and K as before; a forward pre-hook on ``v_proj`` (Llama family) or a forward hook on the fused
+  ``c_attn`` (GPT-2, whose value columns are recomputed from the second input) feeds V.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from normscope.errors import NormscopeError
+
+
+def divisor_stats(div: torch.Tensor, first_token: bool) -> torch.Tensor:
+    """Sums and counts of a per-token divisor for the EMA: ``[sum_rest, n_rest, sum_first, n_first]`` float64.
+
+    div: ``[batch, pos, ..., 1]`` per-token divisors (extra dims for per-head qk-norms). With ``first_token``
+    position 0 is summed apart from the others; without it every position goes to the first pair. The result
+    stays on ``div``'s device, so accumulating it costs no host synchronisation.
+    """
+    d = div.detach().double()
+    zero = d.new_zeros(())
+    if not first_token or d.dim() < 2 or d.shape[1] < 2:
+        return torch.stack([d.sum(), zero + d.numel(), zero, zero])
+    first, rest = d[:, :1], d[:, 1:]
+    return torch.stack([rest.sum(), zero + rest.numel(), first.sum(), zero + first.numel()])
+
+
+def ema_update(ema: float | None, value: float, momentum: float) -> float:
+    """One step of an exponential moving average; the first value initialises it."""
+    if ema is None or not math.isfinite(ema):
+        return value
+    return momentum * ema + (1.0 - momentum) * value
+
+
+def blended_first_divisor(d_first: float, d_rest: float, blend: float) -> float:
+    """Geometric interpolation from the first-token divisor (blend 0) to the shared one (blend 1)."""
+    blend = min(max(blend, 0.0), 1.0)
+    return math.exp((1.0 - blend) * math.log(d_first) + blend * math.log(d_rest))
+
+
+def aux_spread(div: torch.Tensor, form: str = "squared") -> torch.Tensor:
+    """Auxiliary loss on the spread of per-token divisors (Baroni et al. 2025, normalised by target^2).
+
+    div: ``[batch, pos, ..., 1]`` per-token std/RMS of the residual entering a site, with gradients.
+    Returns ``mean_t ((div_t - target) / target)^2`` where ``target`` is the detached mean divisor of the
+    ordinary positions (1, 2, ...; all positions when there is only one). The paper's form has no division
+    by ``target^2``; dividing makes one weight fit residual streams of any scale (GPT-2 small's final-LN
+    input has std ~10, SmolLM2's ~30).
+
+    ``form="log"`` gives ``mean_t log(div_t / target)^2`` instead: bounded growth and comparable weight for a
+    170x outlier (position 0's massive activation) and a 9x one (SmolLM2's " the" in layers 3-11), where the
+    squared form is dominated by the largest outlier and explodes once a frozen site lets norms run away.
+    """
+    d = div.float()
+    ref = d[:, 1:] if d.dim() >= 2 and d.shape[1] > 1 else d
+    target = ref.detach().mean().clamp_min(1e-12)
+    if form == "log":
+        return torch.log(d.clamp_min(1e-12) / target).pow(2).mean()
+    return ((d - target) / target).pow(2).mean()
+
+
+class FrozenNorm(nn.Module):
+    """A norm site whose per-token divisor can be replaced by a frozen scalar (see the module docstring).
+
+    Modes: ``frozen`` (the main output: the whole site, or the path to Q and K for a pre-attention site with
+    a split value path) and ``frozen_v`` (the value path), each with a ``ramp`` (``ramp_v``) from 0 to 1 that
+    moves the divisor geometrically from the per-token to the frozen value over a few steps (1: at once, as
+    in the paper). ``tracking`` accumulates divisor statistics for the
+    EMA (call :meth:`commit` once per optimizer step); ``aux`` keeps the auxiliary spread loss of this
+    forward in ``aux_term``.
+    """
+
+    def __init__(self, original: nn.Module, site: Any, *, momentum: float = 0.9, first_token: bool = True) -> None:
+        super().__init__()
+        self.site_name: str = site.name
+        self.role: str = site.role
+        self.centered: bool = bool(site.centered)
+        self.eps: float = float(site.eps)
+        self.gain_offset: float = float(site.gain_offset)
+        self.momentum = float(momentum)
+        self.first_token = bool(first_token)
+        self._orig = [original]  # a list, so the original is not registered as a child module
+        for pname in ("weight", "bias"):
+            p = getattr(original, pname, None)
+            if isinstance(p, nn.Parameter):
+                setattr(self, pname, p)  # same Parameter object: same state_dict key, shared gradient
+            else:
+                setattr(self, pname, None)
+        # divisor state (exact Python floats)
+        self.ema: float | None = None
+        self.ema_first: float | None = None
+        self.divisor: float | None = None
+        self.divisor_first: float | None = None
+        self.first_blend: float = 0.0
+        self.frozen = False
+        self.frozen_v = False
+        self.split_v = False
+        self.frozen_at: int | None = None
+        self.frozen_v_at: int | None = None
+        self.ramp = 1.0  # 0..1: how far the main path has moved from the live to the frozen divisor
+        self.ramp_v = 1.0
+        # per-forward switches and outputs
+        self.tracking = False
+        self.aux = False
+        self.aux_form = "squared"
+        self.aux_term: torch.Tensor | None = None
+        self.v_input: torch.Tensor | None = None
+        self._acc: torch.Tensor | None = None  # [4] float64, see divisor_stats
+        self.override: torch.Tensor | None = None  # tests: a per-token divisor [..., 1] used when frozen
+
+    @property
+    def original(self) -> nn.Module:
+        return self._orig[0]
+
+    def extra_repr(self) -> str:
+        return (f"site={self.site_name}, frozen={self.frozen}, frozen_v={self.frozen_v}, "
+                f"divisor={self.divisor}, divisor_first={self.divisor_first}, blend={self.first_blend:.3f}")
+
+    # ---- the divisor -----------------------------------------------------------------------------------
+    def live_divisor(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token divisor sqrt(var + eps) (LayerNorm) or sqrt(mean(x^2) + eps) (RMSNorm): ``[..., 1]`` fp32."""
+        xf = x.float()
+        if self.centered:
+            xf = xf - xf.mean(dim=-1, keepdim=True)
+        return torch.sqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+
+    def first_divisor(self) -> float:
+        """The divisor position 0 gets now (the shared one unless a separate first-token value is blended)."""
+        assert self.divisor is not None
+        if not self.first_token or self.divisor_first is None:
+            return self.divisor
+        return blended_first_divisor(self.divisor_first, self.divisor, self.first_blend)
+
+    def _frozen_inverse(self, x: torch.Tensor) -> torch.Tensor | float:
+        """1 / frozen divisor, a scalar or ``[1, pos, 1, ...]`` when position 0 has its own value."""
+        if self.override is not None:
+            return 1.0 / self.override.float()
+        if self.divisor is None:
+            raise RuntimeError(f"{self.site_name} is frozen but has no divisor")
+        d0 = self.first_divisor()
+        if d0 == self.divisor or x.dim() < 2 or x.shape[1] < 1:
+            return 1.0 / self.divisor
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        inv = torch.full(shape, 1.0 / self.divisor, dtype=torch.float32, device=x.device)
+        inv[:, 0] = 1.0 / d0
+        return inv
+
+    def _affine(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.weight is not None:
+            y = y * (self.weight.float() + self.gain_offset) if self.gain_offset else y * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(dtype)
+
+    def _frozen_out(self, x: torch.Tensor, ramp: float = 1.0) -> torch.Tensor:
+        """The site with its frozen divisor; while ``ramp`` < 1, the geometric blend
+        ``d_live ** (1 - ramp) * d_frozen ** ramp`` of the per-token and the frozen divisor."""
+        xf = x.float()
+        if self.centered:
+            xf = xf - xf.mean(dim=-1, keepdim=True)
+        inv = self._frozen_inverse(x)
+        if ramp < 1.0:
+            live = torch.sqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # [..., 1], with gradients
+            frozen = inv if isinstance(inv, torch.Tensor) else torch.tensor(inv, device=x.device)
+            inv = torch.exp(-(1.0 - ramp) * torch.log(live) + ramp * torch.log(frozen))
+        return self._affine(xf * inv, x.dtype)
+
+    # ---- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, pos, d] (or [batch, pos, heads, d_head])
+        if self.aux:
+            div = self.live_divisor(x)  # [..., 1], with gradients for the aux loss
+            self.aux_term = aux_spread(div, self.aux_form)
+        elif self.tracking:
+            with torch.no_grad():
+                div = self.live_divisor(x)
+        if self.tracking:
+            st = divisor_stats(div, self.first_token)  # [4]
+            self._acc = st if self._acc is None else self._acc + st
+        main = self._frozen_out(x, self.ramp) if self.frozen else self.original(x)
+        v_state = (self.frozen_v, self.ramp_v if self.frozen_v else None)
+        if self.split_v and v_state != (self.frozen, self.ramp if self.frozen else None):
+            self.v_input = self._frozen_out(x, self.ramp_v) if self.frozen_v else self.original(x)
+        else:
+            self.v_input = None
+        return main
+
+    # ---- EMA, freezing, state --------------------------------------------------------------------------
+    def pending(self) -> torch.Tensor:
+        """The statistics accumulated since the last :meth:`commit`, ``[4]`` float64 (all-reduced under DDP)."""
+        if self._acc is None:
+            return torch.zeros(4, dtype=torch.float64, device=self._device())
+        return self._acc
+
+    def _device(self) -> torch.device:
+        p = self.weight if self.weight is not None else self.bias
+        return p.device if p is not None else torch.device("cpu")
+
+    def commit(self, acc: torch.Tensor | None = None) -> None:
+        """Fold the accumulated divisor means into the EMA (once per optimizer step) and reset the sums."""
+        s, n, s0, n0 = (acc if acc is not None else self.pending()).tolist()
+        if n > 0:
+            self.ema = ema_update(self.ema, s / n, self.momentum)
+        if n0 > 0:
+            self.ema_first = ema_update(self.ema_first, s0 / n0, self.momentum)
+        self._acc = None
+
+    def freeze(self, step: int | None = None, path: str = "main") -> None:
+        """Freeze the main path (``"main"``) or the value path (``"v"``) at the current EMA."""
+        if self.divisor is None:
+            if self.ema is None:
+                raise NormscopeError(f"{self.site_name} was frozen before any divisor was measured; start the "
+                                     "schedule at step 1 or later.")
+            self.divisor = self.ema
+            if self.first_token and self.ema_first is not None:
+                self.divisor_first = self.ema_first
+        if path == "main":
+            self.frozen, self.frozen_at = True, step
+        elif path == "v":
+            self.frozen_v, self.frozen_v_at = True, step
+        else:
+            raise ValueError(path)
+
+    @property
+    def fully_frozen(self) -> bool:
+        """Every path frozen and every ramp complete."""
+        return self.frozen and self.ramp >= 1.0 and (not self.split_v or (self.frozen_v and self.ramp_v >= 1.0))
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready divisor state (floats round-trip exactly through JSON)."""
+        return {k: getattr(self, k) for k in ("ema", "ema_first", "divisor", "divisor_first", "first_blend",
+                                              "frozen", "frozen_v", "split_v", "frozen_at", "frozen_v_at", "ramp",
+                                              "ramp_v")}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._acc = None
+
+
+# ---- installing and removing the wrappers ---------------------------------------------------------------
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+@dataclass
+class ValuePath:
+    """How the value projection of one attention module is fed from a second normalised input."""
+
+    kind: str  # "v_proj" (a separate Linear) or "fused" (GPT-2 c_attn: the last third of the columns)
+    module: nn.Module
+
+
+def find_value_path(attn: nn.Module | None, d_model: int) -> ValuePath | None:
+    """The value projection of an attention module: a separate ``v_proj``-like Linear or GPT-2's fused ``c_attn``.
+
+    Returns None when neither is found (the QK and V paths are then removed at the same step).
+    """
+    if attn is None:
+        return None
+    for name in ("v_proj", "value", "v", "W_V"):
+        m = getattr(attn, name, None)
+        if isinstance(m, nn.Linear):
+            return ValuePath("v_proj", m)
+    c = getattr(attn, "c_attn", None)
+    w = getattr(c, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape == (d_model, 3 * d_model):  # Conv1D [in, out]
+        return ValuePath("fused", c)
+    return None
+
+
+def attach_value_path(wrapper: FrozenNorm, vp: ValuePath, d_model: int) -> torch.utils.hooks.RemovableHandle:
+    """Feed the attention's value projection from ``wrapper.v_input`` whenever the wrapper sets one."""
+    if vp.kind == "v_proj":
+
+        def pre(module: nn.Module, args: tuple) -> Any:
+            v = wrapper.v_input
+            if v is None:
+                return None
+            wrapper.v_input = None
+            return (v, *args[1:])
+
+        return vp.module.register_forward_pre_hook(pre)
+
+    def post(module: nn.Module, args: tuple, out: torch.Tensor) -> Any:
+        v_in = wrapper.v_input  # [batch, pos, d_model]
+        if v_in is None:
+            return None
+        wrapper.v_input = None
+        w, b = module.weight, module.bias  # [d_model, 3 d_model], [3 d_model]
+        flat = v_in.reshape(-1, d_model)
+        v = flat @ w[:, 2 * d_model:]
+        if b is not None:
+            v = v + b[2 * d_model:]
+        v = v.reshape(*v_in.shape[:-1], d_model)  # [batch, pos, d_model]
+        return torch.cat([out[..., : 2 * d_model], v], dim=-1)
+
+    return vp.module.register_forward_hook(post)
+
+
+class Removal:
+    """All the frozen-divisor wrappers of one model; install on construction, :meth:`uninstall` to undo."""
+
+    def __init__(self, model: nn.Module, layout: Any, sites: list[Any], *, momentum: float = 0.9,
+                 first_token: bool = True, split_value: bool = True) -> None:
+        self.model = model
+        self.sites = list(sites)
+        self.wrappers: dict[str, FrozenNorm] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._originals: dict[str, nn.Module] = {}
+        blocks = {b.index: b for b in layout.blocks}
+        for site in self.sites:
+            parent, attr = _parent(model, site.path)
+            original = getattr(parent, attr)
+            w = FrozenNorm(original, site, momentum=momentum, first_token=first_token)
+            setattr(parent, attr, w)
+            self.wrappers[site.name] = w
+            self._originals[site.path] = original
+            if split_value and site.role == "pre_attn" and site.layer in blocks:
+                vp = find_value_path(blocks[site.layer].attn, int(layout.d_model))
+                if vp is not None:
+                    w.split_v = True
+                    self._handles.append(attach_value_path(w, vp, int(layout.d_model)))
+
+    def __iter__(self):
+        return iter(self.wrappers.values())
+
+    def __getitem__(self, name: str) -> FrozenNorm:
+        return self.wrappers[name]
+
+    def uninstall(self) -> None:
+        """Put the original modules back (their Parameters were shared, so trained gains are kept)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for path, original in self._originals.items():
+            parent, attr = _parent(self.model, path)
+            setattr(parent, attr, original)
+        self._originals.clear()
+
+    def set(self, *, tracking: bool | None = None, aux_sites: list[str] | None = None,
+            aux_form: str | None = None) -> None:
+        """Switch EMA tracking on or off, and choose which sites compute the auxiliary loss (and its form)."""
+        for name, w in self.wrappers.items():
+            if tracking is not None:
+                w.tracking = tracking
+            if aux_form is not None:
+                w.aux_form = aux_form
+            if aux_sites is not None:
+                w.aux = name in aux_sites
+                w.aux_term = None
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Mean of the auxiliary terms the aux sites computed in the last forward pass (then cleared)."""
+        terms = [w.aux_term for w in self.wrappers.values() if w.aux and w.aux_term is not None]
+        for w in self.wrappers.values():
+            w.aux_term = None
+        if not terms:
+            return None
+        return torch.stack(terms).mean()
+
+    def n_removed(self) -> int:
+        """Sites whose every path is frozen."""
+        return sum(w.fully_frozen for w in self.wrappers.values())
+
+    def pending(self) -> torch.Tensor:
+        """Every site's accumulated statistics, ``[n_sites * 4]`` float64 (one all-reduce under DDP)."""
+        return torch.cat([w.pending() for w in self.wrappers.values()])
+
+    def commit(self, flat: torch.Tensor | None = None) -> None:
+        """Fold every site's accumulated statistics into its EMA (``flat`` is :meth:`pending` all-reduced)."""
+        for i, w in enumerate(self.wrappers.values()):
+            w.commit(None if flat is None else flat[4 * i: 4 * i + 4])
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        return {name: w.state() for name, w in self.wrappers.items()}
+
+    def load_state(self, state: dict[str, dict[str, Any]]) -> None:
+        missing = set(self.wrappers) ^ set(state)
+        if missing:
+            raise NormscopeError(f"The checkpoint's norm sites differ from this model's ({sorted(missing)[:3]}); "
+                                 "resume with the model and --sites it was started with.")
+        for name, st in state.items():
+            self.wrappers[name].load_state(st)

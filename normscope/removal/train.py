@@ -1,0 +1,618 @@
+"""The fine-tuning loop that removes the norms: optimizer, schedule, losses, checkpoints, resume, signals, DDP.
+
+Recipe (Baroni et al. 2025, "Transformers Don't Need LayerNorm at Inference Time", code
+``submarat/removing-layer-norm``): AdamW (weight decay 0.01, none on gains and biases), linear warmup then
+cosine decay, gradient clipping at 1.0, cross-entropy plus an auxiliary loss on the spread of the per-token
+norms entering the final norm. Options the paper did not have: a KL term to the original model's next-token
+distribution (``distill_weight``), the auxiliary loss on every residual-reading site (``aux_sites="all"``),
+and separate first-token divisors (see :mod:`normscope.removal.frozen`).
+
+Nothing is lost: a checkpoint every ``save_every`` steps, written under a temporary name and renamed into
+place; :func:`train` with ``resume=True`` continues from the latest one with the same weights, optimizer,
+scheduler, divisor state, data position and random state, so a resumed run gives the same losses as an
+uninterrupted one. SIGTERM or Ctrl-C finish the step in flight, save, and raise :class:`TrainingStopped`.
+
+Distributed: under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the model is wrapped in
+``DistributedDataParallel`` and each rank takes its share of the micro-batches of every step; divisor
+statistics and logged losses are all-reduced, and dropout is seeded per micro-batch, so the losses equal those
+of one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normscope.errors import NormscopeError
+from normscope.removal.frozen import Removal
+from normscope.removal.schedule import Schedule, ScheduleOptions, build_schedule
+
+CHECKPOINT_PREFIX = "ckpt-"
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.pt"
+
+
+@dataclass
+class TrainOptions:
+    """Settings of one fine-tuning run (the LN-free run and its control share them)."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    lr: float = 2e-4
+    """Peak learning rate (the paper: 6e-4 for GPT-2 small at 2^19 tokens per step, 1e-4 for XL)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to this fraction of ``lr``."""
+    warmup: int | None = None
+    """Linear warmup steps (default: 5% of the steps, at least 1; the paper: 25 of 300)."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    """Micro-batches per optimizer step, over all processes (the global batch is this times --batch-size)."""
+    ce_weight: float = 1.0
+    aux_weight: float = 0.1
+    """Weight of the auxiliary loss on the spread of per-token norms (paper: 0.1 small, 0.01 XL)."""
+    aux_sites: str = "final"
+    """Where the auxiliary loss is measured: "final" (the residual entering the final norm, as in the paper)
+    or "all" (the input of every residual-reading norm, which also pulls position 0's massive activation down
+    in the middle layers)."""
+    aux_form: str = "squared"
+    """"squared": mean ((d - target) / target)^2, the paper's form normalised by target^2; "log":
+    mean log(d / target)^2, bounded, for ``aux_sites="all"`` (see :func:`normscope.removal.frozen.aux_spread`)."""
+    distill_weight: float = 0.0
+    """Weight of KL(original || student) on next-token distributions (0: off, as in the paper)."""
+    momentum: float = 0.9
+    """EMA momentum of the tracked divisors (paper: 0.9)."""
+    first_token: bool = True
+    """Give position 0 its own frozen divisor until the schedule blends it into the shared one."""
+    split_value: bool = True
+    """Remove the pre-attention norms' path to V after their path to Q and K (paper); off: both at once."""
+    schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
+    seed: int = 0
+    save_every: int = 50
+    """Steps between checkpoints (0: only at the end and on a signal)."""
+    keep_checkpoints: int = 2
+    skip_nonfinite: bool = True
+    """Skip an optimizer step whose loss or gradient is not finite (and count it) instead of failing."""
+    max_nonfinite_run: int = 10
+    """Stop early (diverged) after this many non-finite steps in a row: a frozen model whose forward pass
+    overflows on every batch cannot recover, since skipped steps change nothing (0: never stop)."""
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        d = asdict(self)
+        for k in ("save_every", "keep_checkpoints"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class StepLog:
+    """One optimizer step: the losses are means over its global batch."""
+
+    step: int
+    loss: float
+    ce: float
+    aux: float
+    kl: float
+    lr: float
+    grad_norm: float
+    n_removed: int
+    blend: float
+    skipped: bool
+    tokens: int
+    seconds: float
+    events: list[str] = field(default_factory=list)
+
+
+class TrainingStopped(Exception):
+    """Raised after a SIGTERM or Ctrl-C was handled: the checkpoint of ``step`` is at ``path``."""
+
+    def __init__(self, step: int, path: Path | None, signame: str) -> None:
+        super().__init__(f"stopped by {signame} after step {step}; checkpoint: {path}")
+        self.step, self.path, self.signame = step, path, signame
+
+
+@dataclass
+class TrainResult:
+    history: list[StepLog]
+    removal: Removal
+    schedule: Schedule
+    run_dir: Path
+    resumed_from: int | None
+    skipped: int
+    seconds: float
+    diverged_at: int | None = None
+
+
+# ---- distributed ----------------------------------------------------------------------------------------
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) from the torchrun / accelerate environment; (0, 1) outside it."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Start the process group (gloo on CPU, nccl on CUDA) when running under torchrun; idempotent."""
+    import torch.distributed as dist
+
+    rank, world = dist_env()
+    if world <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---- pure helpers ---------------------------------------------------------------------------------------
+def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay from 1 to ``min_ratio`` at the last step."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(steps - warmup - 1, 1)
+    t = min(max((step - warmup) / span, 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy. logits ``[batch, pos, vocab]``, input_ids ``[batch, pos]``."""
+    pred = logits[:, :-1].float()  # [batch, pos-1, vocab]
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per predicted token, averaged: the distillation term. Both ``[batch, pos, vocab]``."""
+    s = F.log_softmax(student_logits[:, :-1].float(), dim=-1).flatten(0, 1)  # [n, vocab]
+    t = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1).flatten(0, 1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def data_order(n_batches: int, seed: int, epoch: int) -> list[int]:
+    """The order of the micro-batches in one pass over the data (a seeded permutation per epoch)."""
+    g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + epoch)
+    return torch.randperm(n_batches, generator=g).tolist()
+
+
+class DataCursor:
+    """Maps the global micro-batch number to a batch index, epoch by epoch (stateless given the number)."""
+
+    def __init__(self, n_batches: int, seed: int) -> None:
+        self.n, self.seed = n_batches, seed
+        self._cache: dict[int, list[int]] = {}
+
+    def index(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        if epoch not in self._cache:
+            self._cache = {epoch: data_order(self.n, self.seed, epoch)}
+        return self._cache[epoch][i]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices, none on gains, biases and other 1-D parameters (as HF does)."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies a model for --resume: its class, config hash and parameter count."""
+    cfg = getattr(model, "config", None)
+    d = cfg.to_dict() if cfg is not None else {}
+    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
+              "_attn_implementation_autoset", "use_cache", "architectures"):
+        d.pop(k, None)
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"class": type(model).__name__, "config_sha1": hashlib.sha1(blob).hexdigest()[:16], "n_params": n}
+
+
+def data_fingerprint(batches: list[Any]) -> str:
+    h = hashlib.sha1()
+    for b in batches:
+        h.update(b.input_ids.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``run_dir``, oldest first (a checkpoint folder exists only once complete)."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir()
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ck = list_checkpoints(run_dir)
+    return ck[-1] if ck else None
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: Any, state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write ``run_dir/ckpt-<step>`` atomically: a temporary folder, fsynced, then renamed into place.
+
+    ``step`` is the number of optimizer steps done. Older checkpoints beyond ``keep`` are deleted afterwards.
+    """
+    from safetensors.torch import save_model
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=run_dir))
+    try:
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / TRAINER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=True))
+        _fsync_tree(tmp)
+        if target.exists():  # the same step saved again (a resumed run that stops at once)
+            old = run_dir / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def check_resumable(state: dict[str, Any], fingerprint: dict[str, Any], identity: dict[str, Any],
+                    data_fp: str, ckpt: Path) -> None:
+    """One-line errors when a checkpoint belongs to another model, other settings or other data."""
+    if state.get("fingerprint") != fingerprint:
+        theirs = state.get("fingerprint", {})
+        raise NormscopeError(
+            f"The checkpoint {ckpt} was made for another model ({theirs.get('class')}, "
+            f"{theirs.get('n_params')} parameters) than this one ({fingerprint['class']}, "
+            f"{fingerprint['n_params']}); resume with the same model or choose another --run-dir."
+        )
+    theirs_opts = state.get("options", {})
+    diff = [k for k in sorted(set(identity) | set(theirs_opts))
+            if json.dumps(identity.get(k), sort_keys=True) != json.dumps(theirs_opts.get(k), sort_keys=True)]
+    if diff:
+        k = diff[0]
+        raise NormscopeError(
+            f"The checkpoint {ckpt} was made with {k}={state['options'].get(k)!r}, this run asks for "
+            f"{identity.get(k)!r}; resume with the settings of the original run."
+        )
+    if state.get("data") != data_fp:
+        raise NormscopeError(f"The checkpoint {ckpt} was trained on other text; resume with the same --text, "
+                             "--seq-len, --batch-size and --max-tokens (or --self-generated) as the original run.")
+
+
+# ---- signals --------------------------------------------------------------------------------------------
+class StopFlag:
+    """Set by SIGTERM / SIGINT (or by a caller): the loop saves after the step in flight and stops."""
+
+    def __init__(self) -> None:
+        self.signame: str | None = None
+
+    def request(self, signame: str = "request") -> None:
+        self.signame = signame
+
+    @property
+    def requested(self) -> bool:
+        return self.signame is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """Route SIGTERM and SIGINT to ``flag`` (a second Ctrl-C interrupts at once); handlers restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.request(name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on GPUs that have it; plain fp32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _aux_site_names(removal: Removal, which: str) -> list[str]:
+    if which == "final":
+        names = [w.site_name for w in removal if w.role == "final"]
+        return names or [list(removal.wrappers)[-1]]
+    if which == "all":
+        return [w.site_name for w in removal if w.role in ("pre_attn", "pre_mlp", "final", "other")]
+    if which == "none":
+        return []
+    raise NormscopeError(f"--aux-sites must be final, all or none, not '{which}'.")
+
+
+def train(
+    model: nn.Module,
+    layout: Any,
+    sites: list[Any],
+    batches: list[Any],
+    opts: TrainOptions,
+    run_dir: Path,
+    *,
+    control: bool = False,
+    remove: list[str] | None = None,
+    teacher: nn.Module | None = None,
+    resume: bool = False,
+    progress: Callable[[StepLog], None] | None = None,
+    stop: StopFlag | None = None,
+    extra_state: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` in place while its norm ``sites`` are removed on schedule (never when ``control``).
+
+    Every site is wrapped (live sites are bit-identical to the original); ``remove`` names the sites the
+    schedule removes (default: all). ``batches`` are the training micro-batches
+    (:class:`normscope.text.TokenBatch`), visited in a seeded order, epoch after epoch. ``teacher`` (the
+    original model, eval mode) is needed when
+    ``opts.distill_weight`` > 0. The wrappers stay installed on return (``result.removal``), ready for export.
+    """
+    device = next(model.parameters()).device
+    rank, world = dist_env()
+    distributed = init_distributed(device)
+    if opts.grad_accum % world:
+        raise NormscopeError(f"--grad-accum {opts.grad_accum} must be a multiple of the {world} processes.")
+    if opts.distill_weight > 0 and teacher is None:
+        raise ValueError("distillation needs the teacher model")
+    if not batches:
+        raise NormscopeError("There is no training text; give --text files or --self-generated N.")
+    torch.manual_seed(opts.seed)
+    removal = Removal(model, layout, sites, momentum=opts.momentum, first_token=opts.first_token,
+                      split_value=opts.split_value)
+    split = {w.site_name: w.split_v for w in removal}
+    chosen = [s for s in sites if remove is None or s.name in set(remove)]
+    schedule = build_schedule(chosen, opts.steps, opts.schedule, split=split, first_token=opts.first_token)
+    aux_names = _aux_site_names(removal, opts.aux_sites)
+    if opts.aux_form not in ("squared", "log"):
+        raise NormscopeError(f"--aux-form must be squared or log, not '{opts.aux_form}'.")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.lr)
+    warmup = opts.warmup if opts.warmup is not None else max(1, round(0.05 * opts.steps))
+    fingerprint = model_fingerprint(model)
+    data_fp = data_fingerprint(batches)
+    identity = {**opts.identity(), "control": control, "remove": sorted(s.name for s in chosen)}
+    history: list[StepLog] = []
+    cursor = DataCursor(len(batches), opts.seed)
+    per_step = opts.grad_accum
+    start_step, resumed_from = 0, None
+    finished = False
+
+    ckpt = latest_checkpoint(run_dir)
+    if resume:
+        if ckpt is None:
+            raise NormscopeError(f"--resume was given but {run_dir} holds no checkpoint; run without --resume "
+                                 "to start, or point --run-dir at the run to continue.")
+        state = read_state(ckpt)
+        check_resumable(state, fingerprint, identity, data_fp, ckpt)
+        from safetensors.torch import load_model
+
+        load_model(model, str(ckpt / WEIGHTS_FILE))
+        tr = torch.load(ckpt / TRAINER_FILE, weights_only=True)
+        optimizer.load_state_dict(tr["optimizer"])
+        torch.set_rng_state(tr["rng_cpu"])
+        if tr.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tr["rng_cuda"])
+        removal.load_state(state["removal"])
+        history = [StepLog(**h) for h in state["history"]]
+        start_step = resumed_from = int(state["step"])
+        finished = bool(state.get("done"))
+    elif ckpt is not None:
+        raise NormscopeError(f"{run_dir} already holds checkpoints of an earlier run; add --resume to continue "
+                             "it, or choose another --run-dir.")
+    else:
+        _calibrate(model, removal, batches, cursor, per_step, rank, world, device)
+
+    ddp_model: nn.Module = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    flag = stop or StopFlag()
+    t_start = time.perf_counter()
+    seq_tokens = int(batches[0].input_ids.numel())
+
+    def state_dict_for(step: int, done: bool) -> dict[str, Any]:
+        return {"step": step, "done": done, "control": control, "fingerprint": fingerprint, "options": identity,
+                "data": data_fp, "removal": removal.state(), "schedule": schedule.to_dict(),
+                "history": [asdict(h) for h in history], **(extra_state or {})}
+
+    def checkpoint(step: int, done: bool) -> Path | None:
+        path = None
+        if rank == 0:
+            path = save_checkpoint(run_dir, step, model, optimizer, state_dict_for(step, done),
+                                   keep=opts.keep_checkpoints)
+        _barrier()
+        return path
+
+    diverged_at: int | None = None
+    run_nonfinite = 0
+    for h in reversed(history):  # a resumed run continues the count
+        if not h.skipped:
+            break
+        run_nonfinite += 1
+    with stop_on_signals(flag):
+        for step in range(start_step, start_step if finished else opts.steps):
+            t0 = time.perf_counter()
+            lr_now = opts.lr * lr_factor(step, opts.steps, warmup, opts.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_now
+            events = [] if control else schedule.at(step)
+            for e in events:
+                removal[e.site].freeze(step, e.path)
+            if not control:
+                for e in schedule.events:
+                    if e.step <= step:
+                        setattr(removal[e.site], "ramp" if e.path == "main" else "ramp_v", schedule.ramp(e, step))
+            blend = schedule.blend(step)
+            for w in removal:
+                w.first_blend = blend
+            ddp_model.train()
+            removal.set(tracking=True, aux_sites=aux_names if opts.aux_weight > 0 else [], aux_form=opts.aux_form)
+            mine = [j for j in range(per_step) if j % world == rank]
+            sums = torch.zeros(4, dtype=torch.float64)
+            scale = world / per_step
+            for k, j in enumerate(mine):
+                pos = step * per_step + j
+                b = batches[cursor.index(pos)]
+                ids = b.input_ids.to(device)  # [batch, pos]
+                mask = b.attention_mask.to(device)  # [batch, pos]
+                torch.manual_seed(opts.seed * 7_919 + pos)  # dropout depends on the micro-batch only
+                sync = contextlib.nullcontext() if not distributed or k == len(mine) - 1 else ddp_model.no_sync()
+                with sync:
+                    with _autocast(device):
+                        out = ddp_model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    ce = next_token_ce(out.logits, ids)
+                    aux = removal.aux_loss() if opts.aux_weight > 0 else None
+                    loss = opts.ce_weight * ce
+                    if aux is not None:
+                        loss = loss + opts.aux_weight * aux
+                    kl = None
+                    if opts.distill_weight > 0:
+                        assert teacher is not None
+                        with torch.no_grad(), _autocast(device):
+                            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                        kl = next_token_kl(out.logits, t_logits)
+                        loss = loss + opts.distill_weight * kl
+                    (loss * scale).backward()
+                parts = [loss, ce, aux, kl]
+                sums += torch.tensor([float(t.detach()) if t is not None else 0.0 for t in parts],
+                                     dtype=torch.float64) / per_step
+                del out, loss
+            removal.set(tracking=False, aux_sites=[])
+            if distributed:
+                sums = _all_reduce(sums)
+                removal.commit(_all_reduce(removal.pending()))
+            else:
+                removal.commit()
+            params = [p for p in model.parameters() if p.grad is not None]
+            gn = float(torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)) if opts.grad_clip > 0 else float(
+                torch.norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+            finite = math.isfinite(gn) and math.isfinite(float(sums[0]))
+            if not finite and not opts.skip_nonfinite:
+                raise NormscopeError(f"The loss or gradient became non-finite at step {step}; lower --lr or use "
+                                     "a slower schedule.")
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log = StepLog(step=step, loss=float(sums[0]), ce=float(sums[1]), aux=float(sums[2]), kl=float(sums[3]),
+                          lr=lr_now, grad_norm=gn, n_removed=0 if control else removal.n_removed(), blend=blend,
+                          skipped=not finite, tokens=seq_tokens * per_step, seconds=time.perf_counter() - t0,
+                          events=[f"{e.site}:{e.path}" for e in events])
+            history.append(log)
+            if rank == 0:
+                _append_log(run_dir, log)
+                if progress is not None:
+                    progress(log)
+            done = step + 1 == opts.steps
+            run_nonfinite = run_nonfinite + 1 if not finite else 0
+            if opts.max_nonfinite_run and run_nonfinite >= opts.max_nonfinite_run and not done:
+                diverged_at = step + 1 - run_nonfinite
+                checkpoint(step + 1, True)
+                break
+            if flag.requested and not done:
+                path = checkpoint(step + 1, False)
+                raise TrainingStopped(step + 1, path, flag.signame or "request")
+            if done or (opts.save_every and (step + 1) % opts.save_every == 0):
+                checkpoint(step + 1, done)
+    skipped = sum(h.skipped for h in history)
+    if diverged_at is None and len(history) < opts.steps and history:
+        diverged_at = len(history) - run_nonfinite  # a resumed run that had already stopped
+    return TrainResult(history, removal, schedule, run_dir, resumed_from, skipped, time.perf_counter() - t_start,
+                       diverged_at)
+
+
+def _append_log(run_dir: Path, log: StepLog) -> None:
+    """One JSON line per step in ``run_dir/steps.jsonl`` (for ``tail -f``; the checkpoints hold the history)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "steps.jsonl", "a") as f:
+        f.write(json.dumps(asdict(log)) + "\n")
+
+
+def _calibrate(model: nn.Module, removal: Removal, batches: list[Any], cursor: DataCursor, per_step: int,
+               rank: int, world: int, device: torch.device) -> None:
+    """Initialise every site's EMA from step 0's micro-batches (no gradient), so a site may go at step 1."""
+    removal.set(tracking=True, aux_sites=[])
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for j in range(per_step):
+            if j % world != rank:
+                continue
+            b = batches[cursor.index(j)]
+            model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+    removal.set(tracking=False)
+    removal.commit(_all_reduce(removal.pending()) if world > 1 else None)
+    model.train(was)
+
+
+def finished_state(run_dir: Path) -> dict[str, Any] | None:
+    """The state of a run that reached its last step, or None."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        return None
+    st = read_state(ck)
+    return st if st.get("done") else None
