@@ -10,8 +10,8 @@ Each measurement is set against a baseline measured in the same run:
    forward; runs interleaved A B A B so that drift of a shared machine hits both;
 3. grads: forward and backward calls per batch, and time of ``grads.measure`` against a plain
    forward + backward of the same loss with no hooks;
-4. memory: peak RSS of fresh processes running depth (statistics only) and grads on N and 4N tokens of the
-   same batch size (flat memory: ratio close to 1).
+4. memory: peak RSS of the run itself (high-water mark reset after loading) in fresh processes running
+   depth (statistics only) and grads on N and 4N tokens of the same batch size (flat memory: ratio close to 1).
 
     python benchmarks/bench_depth.py            # ~10 minutes on 2 cores
     python benchmarks/bench_depth.py --quick    # smaller token counts
@@ -84,16 +84,22 @@ def passes(lm, sample) -> dict:
     """Forward calls of the model per configuration of depth.run, and backward calls of grads.measure."""
     from normscope import depth, grads
 
-    calls = {"forward": 0}
-    h = lm.model.register_forward_pre_hook(lambda m, a: calls.__setitem__("forward", calls["forward"] + 1))
-    out = {"batches": len(sample.batches)}
+    calls = {"forward": 0, "probe": 0}
+
+    def count(m, args, kwargs):  # the 1x4-token probe passes of find_layout / find_norm_sites counted apart
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        key = "probe" if ids is not None and ids.shape[1] != sample.seq_len else "forward"
+        calls[key] += 1
+
+    h = lm.model.register_forward_pre_hook(count, with_kwargs=True)
+    out: dict = {"batches": len(sample.batches)}
     try:
         for label, opts in (("statistics only", depth.DepthOptions(skip=False, window=0, lns=False)),
                             ("+ skip 3 blocks", depth.DepthOptions(layers=[0, 15, 29], window=0, lns=False)),
                             ("+ skip 3 + LNS + window", depth.DepthOptions(layers=[0, 15, 29], window=4, lns=True))):
-            calls["forward"] = 0
+            calls["forward"] = calls["probe"] = 0
             depth.run(lm, sample, opts)
-            out[label] = calls["forward"]
+            out[label] = {"forward passes": calls["forward"], "probe passes (1x4 tokens)": calls["probe"]}
         import torch
 
         n_back = {"n": 0}
@@ -105,12 +111,12 @@ def passes(lm, sample) -> dict:
 
         torch.Tensor.backward = counting  # type: ignore[method-assign]
         try:
-            calls["forward"] = 0
+            calls["forward"] = calls["probe"] = 0
             grads.measure(lm, sample)
         finally:
             torch.Tensor.backward = orig  # type: ignore[method-assign]
-        out["grads forward"] = calls["forward"]
-        out["grads backward"] = n_back["n"]
+        out["grads"] = {"forward passes": calls["forward"], "backward passes": n_back["n"],
+                        "probe passes (1x4 tokens)": calls["probe"]}
     finally:
         h.remove()
     return out
@@ -150,21 +156,34 @@ def speed(lm, sample, rounds: int) -> dict:
             "ratios_all": {"stats": stats, "skip": skip, "grads": gr}}
 
 
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def child(kind: str, n_tokens: int) -> None:
-    """Run in a fresh process; print one JSON line with the peak RSS."""
+    """Run in a fresh process; print one JSON line with the peak RSS of the run itself.
+
+    Loading the model has its own, higher peak, so the kernel's high-water mark is reset after loading
+    (``/proc/self/clear_refs`` = 5, Linux) and ``VmHWM`` read after the run.
+    """
     from normscope import depth, grads
 
     lm = _load()
     sample = _sample(lm, n_tokens)
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    rss_before = _status_mib("VmRSS")
     t0 = time.perf_counter()
     if kind == "depth":
         depth.run(lm, sample, depth.DepthOptions(skip=False, window=0, lns=False))
     else:
         grads.measure(lm, sample)
     print(json.dumps({"kind": kind, "tokens": sample.n_tokens, "seconds": time.perf_counter() - t0,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_after_load_mib": rss_loaded}))
+                      "rss_before_run_mib": rss_before, "peak_rss_of_run_mib": _status_mib("VmHWM"),
+                      "peak_rss_while_loading_mib": peak_load}))
 
 
 def _spawn(kind: str, n_tokens: int) -> dict:
@@ -192,7 +211,10 @@ def main() -> None:
     for kind in ("depth", "grads"):
         print(f"== memory: peak RSS of {kind}, {small} vs {big} tokens (fresh processes)")
         a, b = _spawn(kind, small), _spawn(kind, big)
-        print(json.dumps({"small": a, "big": b, "ratio_big_to_small": b["peak_rss_mib"] / a["peak_rss_mib"]},
+        grow_a = a["peak_rss_of_run_mib"] - a["rss_before_run_mib"]
+        grow_b = b["peak_rss_of_run_mib"] - b["rss_before_run_mib"]
+        print(json.dumps({"small": a, "big": b, "peak_ratio_big_to_small": b["peak_rss_of_run_mib"] /
+                          a["peak_rss_of_run_mib"], "run_growth_mib_small": grow_a, "run_growth_mib_big": grow_b},
                          indent=1))
 
 

@@ -761,7 +761,9 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
             "note": "applied at inference to a model that was not trained with LayerNorm Scaling",
         },
     }
-    summary = _summary(info, layers, blocks, growth_rest, base_loss, lns, drop, n_blocks, opts, sample, batches)
+    post_ln = not any(s.role in PRE_NORM_ROLES for s in sites)
+    summary = _summary(info, layers, blocks, growth_rest, base_loss, lns, drop, n_blocks, opts, sample, batches,
+                       post_ln)
     nonfinite = base.extra.get("nonfinite", [])
     payload["nonfinite"] = nonfinite
     if nonfinite:
@@ -807,7 +809,7 @@ def quotable_line(blocks: pd.DataFrame, n_blocks: int, fraction: float = DEEP_FR
 
 def _summary(info: Any, layers: pd.DataFrame, blocks: pd.DataFrame, g: GrowthFit, base_loss: float | None,
              lns: PassStats | None, drop: dict[str, Any] | None, n_blocks: int, opts: DepthOptions,
-             sample: Any, batches: list[TokenBatch]) -> list[str]:
+             sample: Any, batches: list[TokenBatch], post_ln: bool = False) -> list[str]:
     out = [quotable_line(blocks, n_blocks)]
     e, last = layers["norm_rest"].iloc[0], layers["norm_rest"].iloc[-2]
     ratio = (layers["norm_pos0"] / layers["norm_rest"]).max()
@@ -815,8 +817,12 @@ def _summary(info: Any, layers: pd.DataFrame, blocks: pd.DataFrame, g: GrowthFit
         f"Variance growth: the mean L2 norm of the residual stream at ordinary positions goes from {e:.2f} at the "
         f"embeddings to {last:.1f} before the last block and {layers['norm_rest'].iloc[-1]:.1f} after it; position 0 "
         f"reaches up to {ratio:.0f}x that. Norm ~ (l+1)^{g.exponent:.2f} (R^2 {g.power_r2:.3f}) against "
-        f"norm ~ exp({g.rate:.3f} l) (R^2 {g.exp_r2:.3f}): the {g.better} fits better. Sun et al. 2025 (Curse of "
-        "Depth) show that in Pre-LN models this growth makes deep blocks near-identity."
+        f"norm ~ exp({g.rate:.3f} l) (R^2 {g.exp_r2:.3f}): "
+        + (f"the {g.better} fits better." if max(g.power_r2, g.exp_r2) >= 0.5 else "neither law fits (R^2 < 0.5).")
+        + (" This model normalises after each sub-layer (post-LN), so its stream cannot grow with depth; the Curse "
+           "of Depth (Sun et al. 2025) concerns Pre-LN models." if post_ln else
+           " Sun et al. 2025 (Curse of Depth) show that in Pre-LN models this growth makes deep blocks "
+           "near-identity.")
     )
     if "skip_delta_loss" in blocks:
         sk = blocks.dropna(subset=["skip_delta_loss"])

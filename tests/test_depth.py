@@ -241,6 +241,7 @@ def test_post_ln_split_reads_the_post_attention_norm() -> None:
     assert row["rel_update_mlp"] == pytest.approx(float(((post - mids[0]).norm(dim=-1)[:, 1:] / den).mean()), rel=1e-5)
     assert r.payload["loss"] is None and "skip_loss" not in r.tables["blocks"]  # encoder: no next-token loss
     assert r.payload["lns"] is None  # post-LN: no pre-norm site to scale
+    assert "post-LN" in " ".join(r.summary)  # the growth paragraph says why the stream does not grow
 
 
 def test_parallel_blocks_are_detected() -> None:
