@@ -801,9 +801,8 @@ def quotable_line(blocks: pd.DataFrame, n_blocks: int, fraction: float = DEEP_FR
     if "skip_delta_loss" in deep and deep["skip_delta_loss"].notna().any():
         measured = deep.dropna(subset=["skip_delta_loss"])
         w = measured.loc[measured["skip_delta_loss"].idxmax()]
-        part = "" if len(measured) == len(deep) else f" of the {len(measured)} measured"
-        line += (f"; skipping any one{part} of them costs at most {w['skip_delta_loss']:.3f} nats/token "
-                 f"(block {int(w['block'])})")
+        who = "any one of them" if len(measured) == len(deep) else f"any one of the {len(measured)} measured"
+        line += f"; skipping {who} costs at most {w['skip_delta_loss']:.3f} nats/token (block {int(w['block'])})"
     return line + "."
 
 

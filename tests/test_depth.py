@@ -132,6 +132,18 @@ def test_parse_layers() -> None:
         depth.parse_layers("5-2", 10)
 
 
+def test_quotable_line() -> None:
+    import pandas as pd
+
+    blocks = pd.DataFrame({"block": range(10), "rel_update": [0.5] * 6 + [0.01, 0.02, 0.04, 0.03],
+                           "skip_delta_loss": [1.0] * 6 + [0.001, float("nan"), 0.015, 0.004]})
+    line = depth.quotable_line(blocks, 10)
+    assert line.startswith("The deepest 40% of blocks (4 of 10, blocks 6-9)")
+    assert "at most 4.0% each" in line and "median 2.5%" in line
+    assert "any one of the 3 measured costs at most 0.015 nats/token (block 8)" in line
+    assert "skipping" not in depth.quotable_line(blocks.drop(columns="skip_delta_loss"), 10)
+
+
 def test_lns_factor() -> None:
     assert depth.lns_factor(0) == 1.0 and depth.lns_factor(3) == pytest.approx(0.5)
 
