@@ -219,13 +219,14 @@ class OutlierReducer:
         self.div = {"first": 0.0, "rest": 0.0}
         self.share = {"first": torch.zeros(k, dtype=torch.float64), "rest": torch.zeros(k, dtype=torch.float64)}
         self.shrink = {"first": 0.0, "rest": 0.0}  # sum of sqrt(1 - r^2), r = |x_top1| / ||x||
-        self.top_dim: Counter[int] = Counter()
+        self.top_dim: torch.Tensor | None = None  # [d] how often each dim is a token's largest
 
     def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
         div = self.site.divisor(x)[..., 0]  # [batch, pos]
         share = outlier_share(x, self.k, self.site.centered)  # [batch, pos, k]
         xc = x.float() - x.float().mean(-1, keepdim=True) if self.site.centered else x.float()
-        self.top_dim.update(xc.abs().argmax(-1).flatten().tolist())
+        counts = torch.bincount(xc.abs().argmax(-1).flatten(), minlength=x.shape[-1]).cpu()  # [d]
+        self.top_dim = counts if self.top_dim is None else self.top_dim + counts
         for key, sl in (("first", slice(0, 1)), ("rest", slice(1, None))):
             d, s = div[:, sl], share[:, sl]
             self.n[key] += d.numel()
@@ -242,7 +243,7 @@ class OutlierReducer:
                 out[f"top{j + 1}_share_{key}"] = float(self.share[key][j]) / n
             out[f"shrink_{key}"] = self.shrink[key] / n
         out["divisor_ratio_first_to_rest"] = out["divisor_first"] / max(out["divisor_rest"], 1e-30)
-        dim, cnt = self.top_dim.most_common(1)[0] if self.top_dim else (-1, 0)
+        dim, cnt = (int(self.top_dim.argmax()), int(self.top_dim.max())) if self.top_dim is not None else (-1, 0)
         out["top_dim"] = dim
         out["top_dim_frequency"] = cnt / max(self.n["first"] + self.n["rest"], 1)
         return out
