@@ -1,8 +1,10 @@
 """Cost of a remove-ln training step against a plain fine-tuning step of the same model, and peak memory.
 
 The issue's target: a step with frozen sites costs no more than 1.1x a plain fine-tuning step. Measured in one
-process with the configurations interleaved (A B C A B C ...), so that load from other processes on a shared
-machine hits every configuration alike; the ratio uses the median step time of each. Peak memory is measured
+process on ONE model whose configuration is switched in place between steps, interleaved (A B C D A B C D ...), so
+that load from other processes on a shared machine hits every configuration alike; the ratio uses the median
+step time of each. On a shared machine run it with OMP_NUM_THREADS=1 (two-thread processes that compete for
+two cores slow each other down by up to 8x, which swamps the comparison). Peak memory is measured
 in a fresh subprocess per configuration (``ru_maxrss`` after a few steps).
 
 Configurations (same model, data, AdamW, CE loss):
@@ -15,7 +17,7 @@ Configurations (same model, data, AdamW, CE loss):
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_removal.py                      # bundled SmolLM2-135M, 4 x 128 tokens
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_removal.py    # bundled SmolLM2-135M, 4 x 128 tokens
     .venv/bin/python benchmarks/bench_removal.py --model tiny --reps 20 # tiny random Llama (no bundle needed)
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -50,74 +53,87 @@ def load(model_name: str):
     return m, vocab
 
 
-def make_step(model, config: str, ids: torch.Tensor):
-    """Prepare ``model`` for ``config`` and return a function that runs one optimizer step."""
-    from normscope.removal.frozen import Removal
-    from normscope.removal.train import next_token_ce, param_groups
-    from normscope.sites import find_layout, find_norm_sites
+class Bench:
+    """One model, an optimizer and the wrappers, switched between configurations in place (no copies)."""
 
-    removal = None
-    if config != "plain":
-        layout = find_layout(model)
-        sites = find_norm_sites(model, layout)
-        removal = Removal(model, layout, sites)
-        removal.set(tracking=True)
+    def __init__(self, model, ids: torch.Tensor) -> None:
+        from normscope.removal.frozen import Removal
+        from normscope.removal.train import param_groups
+        from normscope.sites import find_layout, find_norm_sites
+
+        self.model, self.ids = model, ids
+        self.layout = find_layout(model)
+        self.sites = find_norm_sites(model, self.layout)
+        self.removal = Removal(model, self.layout, self.sites)
+        self.removal.set(tracking=True)
         with torch.no_grad():
             model(input_ids=ids[:1])
-        removal.set(tracking=False)
-        removal.commit()
-        if config in ("frozen", "ramping"):
-            for w in removal:
+        self.removal.set(tracking=False)
+        self.removal.commit()
+        self.state = {w.site_name: dict(w.state()) for w in self.removal}
+        self.removal.uninstall()
+        self.installed = False
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train()
+        self.opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-6)
+        self.aux_names = [s.name for s in self.sites if s.role == "final"]
+
+    def configure(self, config: str) -> None:
+        from normscope.removal.frozen import Removal
+
+        if config == "plain":
+            if self.installed:
+                self.removal.uninstall()
+                self.installed = False
+            return
+        if not self.installed:
+            self.removal = Removal(self.model, self.layout, self.sites)
+            self.installed = True
+        for w in self.removal:
+            w.load_state(self.state[w.site_name])
+            if config in ("frozen", "ramping"):
                 w.freeze(0, "main")
                 if w.split_v:
                     w.freeze(0, "v")
                 w.first_blend = 1.0
-                if config == "ramping":
-                    w.ramp = w.ramp_v = 0.5
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.train()
-    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-5)
-    aux_names = [w.site_name for w in removal if w.role == "final"] if removal is not None else []
+                w.ramp = w.ramp_v = 0.5 if config == "ramping" else 1.0
 
-    def step() -> float:
+    def step(self, config: str) -> float:
+        from normscope.removal.train import next_token_ce
+
+        self.configure(config)
         t0 = time.perf_counter()
-        if removal is not None and config == "live+tracking":
-            removal.set(tracking=True, aux_sites=aux_names)
-        out = model(input_ids=ids, use_cache=False)
-        loss = next_token_ce(out.logits, ids)
-        if removal is not None and config == "live+tracking":
-            aux = removal.aux_loss()
-            loss = loss + 0.1 * aux
-            removal.set(tracking=False, aux_sites=[])
-            removal.commit()
+        live = config == "live+tracking"
+        if live:
+            self.removal.set(tracking=True, aux_sites=self.aux_names)
+        out = self.model(input_ids=self.ids, use_cache=False)
+        loss = next_token_ce(out.logits, self.ids)
+        if live:
+            loss = loss + 0.1 * self.removal.aux_loss()
+            self.removal.set(tracking=False, aux_sites=[])
+            self.removal.commit()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
-
-    return step, removal
 
 
 def timing(args) -> dict:
-    import copy
-
-    base, vocab = load(args.model)
+    model, vocab = load(args.model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
-    steps = {}
-    for c in CONFIGS:
-        steps[c], _ = make_step(copy.deepcopy(base), c, ids)
-    del base
+    bench = Bench(model, ids)
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
     for c in CONFIGS:  # warm-up
-        steps[c]()
+        bench.step(c)
     for _ in range(args.reps):
         for c in CONFIGS:
-            times[c].append(steps[c]())
+            times[c].append(bench.step(c))
     med = {c: statistics.median(v) for c, v in times.items()}
-    return {"median_s": med, "ratio_to_plain": {c: med[c] / med["plain"] for c in CONFIGS}, "reps": args.reps}
+    return {"median_s": med, "ratio_to_plain": {c: med[c] / med["plain"] for c in CONFIGS}, "reps": args.reps,
+            "all_s": times}
 
 
 def memory(args, config: str) -> float:
@@ -125,7 +141,7 @@ def memory(args, config: str) -> float:
     code = (f"import sys, resource, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             "import bench_removal as b; "
             f"m, v = b.load({args.model!r}); ids = torch.randint(0, v, ({args.batch}, {args.seq})); "
-            f"s, _ = b.make_step(m, {config!r}, ids); [s() for _ in range(3)]; "
+            f"bb = b.Bench(m, ids); [bb.step({config!r}) for _ in range(3)]; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 2**20
@@ -140,7 +156,8 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
-    print(f"machine: {torch.get_num_threads()} torch threads; model {args.model}; batch {args.batch} x {args.seq}")
+    print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; model {args.model}; "
+          f"batch {args.batch} x {args.seq}; {args.reps} interleaved repetitions")
     res = timing(args)
     for c in CONFIGS:
         print(f"{c:>14}: median {res['median_s'][c]:.3f} s/step  ratio to plain {res['ratio_to_plain'][c]:.3f}")

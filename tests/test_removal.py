@@ -346,6 +346,8 @@ def test_skipped_nonfinite_steps_are_counted(tmp_path):
     assert res.skipped == sum(h.skipped for h in res.history) > 0
     assert all(h.skipped == (not torch.isfinite(torch.tensor(h.loss))) for h in res.history)
     assert res.diverged_at is None
+    assert all(w.ema is not None and torch.isfinite(torch.tensor(w.ema)) for w in res.removal)  # never poisoned
+    assert all(w.divisor is None or torch.isfinite(torch.tensor(w.divisor)) for w in res.removal)
     with torch.no_grad():
         model.model.norm.weight[0] = float("nan")  # every batch now overflows: stop early, do not burn steps
     res = train(model, layout, sites, batches, TrainOptions(steps=30, save_every=0, max_nonfinite_run=4),

@@ -228,10 +228,14 @@ class FrozenNorm(nn.Module):
     def commit(self, acc: torch.Tensor | None = None) -> None:
         """Fold the accumulated divisor means into the EMA (once per optimizer step) and reset the sums."""
         s, n, s0, n0 = (acc if acc is not None else self.pending()).tolist()
-        if n > 0:
+        if n > 0 and math.isfinite(s):  # an overflowing batch must not poison the divisor to freeze
             self.ema = ema_update(self.ema, s / n, self.momentum)
-        if n0 > 0:
+        if n0 > 0 and math.isfinite(s0):
             self.ema_first = ema_update(self.ema_first, s0 / n0, self.momentum)
+        self._acc = None
+
+    def discard(self) -> None:
+        """Drop the statistics accumulated since the last commit (a skipped, non-finite step)."""
         self._acc = None
 
     def freeze(self, step: int | None = None, path: str = "main") -> None:
@@ -401,6 +405,10 @@ class Removal:
         """Fold every site's accumulated statistics into its EMA (``flat`` is :meth:`pending` all-reduced)."""
         for i, w in enumerate(self.wrappers.values()):
             w.commit(None if flat is None else flat[4 * i: 4 * i + 4])
+
+    def discard(self) -> None:
+        for w in self.wrappers.values():
+            w.discard()
 
     def state(self) -> dict[str, dict[str, Any]]:
         return {name: w.state() for name, w in self.wrappers.items()}

@@ -141,22 +141,19 @@ def self_generated_sample(lm: Any, n: int, seq_len: int, batch_size: int, seed: 
             return sample_from_ids(rows.tolist(), ["self-generated"] * n, batch_size=batch_size,
                                    source=f"{n} sequences sampled from the model (cached)", bos_prepended=True)
     device = next(model.parameters()).device
-    g = torch.Generator(device="cpu").manual_seed(seed)
     rows_l = []
-    with (progress or _NullProgress()).task("generating text", n * seq_len) as adv:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else int(start)
+    with (progress or _NullProgress()).task("generating text", n * seq_len) as adv, torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         for i in range(0, n, batch_size):
             b = min(batch_size, n - i)
             ids = torch.full((b, 1), int(start), dtype=torch.long, device=device)
-            past = None
             with torch.no_grad():
-                for _ in range(seq_len - 1):
-                    out = model(input_ids=ids[:, -1:] if past is not None else ids, past_key_values=past,
-                                use_cache=True)
-                    past = out.past_key_values
-                    probs = torch.softmax(out.logits[:, -1].float(), dim=-1).cpu()  # [b, vocab]
-                    nxt = torch.multinomial(probs, 1, generator=g).to(device)
-                    ids = torch.cat([ids, nxt], dim=1)
-            rows_l.append(ids.cpu())
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                     min_new_tokens=seq_len - 1, pad_token_id=pad)
+            rows_l.append(out[:, :seq_len].cpu())
             adv(b * seq_len)
     rows = torch.cat(rows_l)
     if cache is not None and dist_env()[0] == 0:
@@ -334,9 +331,11 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
         ln_free = exported
         timings["export"] = time.perf_counter() - ts
     elif opts.export:
-        export_note = (f"Not exported: {len(res.removal.wrappers) - res.removal.n_removed()} site(s) were kept "
-                       "live (--sites), and a plain checkpoint has one eps for all norms; the LN-free numbers come "
-                       "from the frozen model in memory.")
+        n_live = len(res.removal.wrappers) - res.removal.n_removed()
+        why = ("training stopped before the schedule had removed them" if len(res.history) < topts.steps
+               else "they were kept live (--sites)")
+        export_note = (f"Not exported: {n_live} site(s) are still live because {why}, and a plain checkpoint has "
+                       "one eps for all norms; the LN-free numbers come from the frozen model in memory.")
 
     # evaluate
     ts = time.perf_counter()
@@ -508,7 +507,7 @@ def _summary(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions
         f"{f['max']:.2f} (original -> LN-free). GPT-2 XL's LN-free model looked fine on its training distribution "
         "yet reached a mean CE of 130.2 on the Pile (median 1.09) from rare tokens: read the tail, not only the mean."
     )
-    if len(grown):
+    if f["n_tokens"] and f["mean"] != float("inf") and len(grown):
         g = grown.iloc[0]
         out.append(f"The token whose loss grew most: {g['token']!r} after {g['context']!r} "
                    f"({g['loss_before']:.2f} -> {g['loss_after']:.2f} nats).")
@@ -585,7 +584,9 @@ def _figures(res: Any, ctrl_hist: list[StepLog], scored: dict[str, ev.TokenLosse
     fig = go.Figure()
     for name, tl in scored.items():
         x, y = ev.tail_curve(tl.losses)
-        fig.add_trace(go.Scatter(x=x, y=y, name=name, mode="lines"))
+        bad = 100.0 * tl.n_nonfinite / max(tl.losses.numel(), 1)
+        label = f"{name} ({bad:.1f}% of tokens non-finite, not drawn)" if tl.n_nonfinite else name
+        fig.add_trace(go.Scatter(x=x, y=y, name=label, mode="lines"))
     fig.update_layout(title="Per-token loss tail on held-out text", xaxis_title="per-token loss (nats)",
                       yaxis_title="share of tokens with at least this loss", yaxis_type="log",
                       template="plotly_white")

@@ -9,8 +9,11 @@ and separate first-token divisors (see :mod:`normscope.removal.frozen`).
 
 Nothing is lost: a checkpoint every ``save_every`` steps, written under a temporary name and renamed into
 place; :func:`train` with ``resume=True`` continues from the latest one with the same weights, optimizer,
-scheduler, divisor state, data position and random state, so a resumed run gives the same losses as an
-uninterrupted one. SIGTERM or Ctrl-C finish the step in flight, save, and raise :class:`TrainingStopped`.
+divisor state and random state; the learning rate, the data position and dropout are functions of the step,
+so a resumed run gives the same losses as an uninterrupted one (bit-identical on CPU). SIGTERM or Ctrl-C
+finish the step in flight, save, and raise :class:`TrainingStopped`. A step whose loss or gradient overflows
+is skipped and its divisor statistics dropped; after ``max_nonfinite_run`` such steps in a row the run stops
+as diverged.
 
 Distributed: under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the model is wrapped in
 ``DistributedDataParallel`` and each rank takes its share of the micro-batches of every step; divisor
@@ -543,15 +546,18 @@ def train(
                                      dtype=torch.float64) / per_step
                 del out, loss
             removal.set(tracking=False, aux_sites=[])
+            pending = removal.pending()
             if distributed:
                 sums = _all_reduce(sums)
-                removal.commit(_all_reduce(removal.pending()))
-            else:
-                removal.commit()
+                pending = _all_reduce(pending)
             params = [p for p in model.parameters() if p.grad is not None]
             gn = float(torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)) if opts.grad_clip > 0 else float(
                 torch.norm(torch.stack([p.grad.detach().float().norm() for p in params])))
             finite = math.isfinite(gn) and math.isfinite(float(sums[0]))
+            if finite:
+                removal.commit(pending)
+            else:  # the divisors of an overflowing step are not evidence: keep the EMA as it was
+                removal.discard()
             if not finite and not opts.skip_nonfinite:
                 raise NormscopeError(f"The loss or gradient became non-finite at step {step}; lower --lr or use "
                                      "a slower schedule.")
