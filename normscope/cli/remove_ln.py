@@ -159,6 +159,9 @@ def remove_ln(
         "--run-dir", help="Checkpoints and the exported model. Default: runs/remove-ln/<model>/.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --run-dir.")] = False,
     export: Annotated[bool, typer.Option("--export/--no-export", help="Write the plain LN-free checkpoint.")] = True,
+    export_eps: Annotated[float, typer.Option(
+        "--export-eps", min=1.0, help="eps of the exported norms: each divides by the constant sqrt(eps) while "
+        "mean(x^2) < eps * 6e-8 (default 1e16: RMS up to ~24,000).")] = 1e16,
     export_dir: Annotated[Path | None, typer.Option(
         "--export-dir", help="Where the LN-free checkpoint goes. Default: <run-dir>/ln-free-model.")] = None,
     only: Annotated[str | None, typer.Option(
@@ -214,7 +217,7 @@ def remove_ln(
                          first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
                          save_every=save_every)
     ropts = RemoveLnOptions(train=topts, control=control, sites=sites, run_dir=rdir, resume=resume, export=export,
-                            export_dir=export_dir, site_costs=site_costs, only=only)
+                            export_dir=export_dir, site_costs=site_costs, only=only, eps=export_eps)
     check(lm, ropts)
     tokens_needed = max_tokens or steps * grad_accum * batch_size * seq_len
     if not text and not dataset and not self_generated:

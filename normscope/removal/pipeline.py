@@ -532,9 +532,15 @@ def _summary(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions
                    f"({worst['cost']:+.3f} nats on training text); the median site costs "
                    f"{costs['cost'].median():+.4f}.")
     if export_dir is not None:
-        out.append(f"Exported to {export_dir} as a plain transformers checkpoint (every norm divides by "
-                   f"sqrt({opts.eps:g}), the divisors folded into the gains); its logits match the frozen model "
-                   f"within {export_diff:.2e}.")
+        line = (f"Exported to {export_dir} as a plain transformers checkpoint (every norm divides by "
+                f"sqrt({opts.eps:g}), the divisors folded into the gains); ")
+        if export_diff is not None and export_diff == export_diff:  # not NaN
+            line += f"its logits match the frozen model within {export_diff:.2e}."
+        else:
+            line += ("the frozen model's logits are not finite on the check batch, so the export differs from it: "
+                     "where mean(x^2) grows past about eps * 6e-8 the exported norms normalise again instead of "
+                     "dividing by a constant (raise --export-eps, or train until activations stay bounded).")
+        out.append(line)
     elif export_note:
         out.append(export_note)
     return out
