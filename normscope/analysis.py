@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,3 +44,13 @@ class LossMeter:
     @property
     def mean(self) -> float:
         return self.total / self.n if self.n else float("nan")
+
+
+@contextmanager
+def progress_task(progress: Any, name: str, total: float) -> Iterator[Callable[[float], None] | None]:
+    """A progress bar task when ``progress`` (a CLI ``Progressor``) is given; ``None`` for silent API calls."""
+    if progress is None:
+        yield None
+    else:
+        with progress.task(name, total) as adv:
+            yield adv

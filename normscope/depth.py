@@ -25,8 +25,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ import plotly.graph_objects as go
 import torch
 
 from normscope.analysis import LossMeter, build_meta
+from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
 from normscope.report import Figure, Result, plot_text
@@ -546,14 +546,6 @@ def text_batches(sample: Any, include_controls: bool) -> list[TokenBatch]:
         raise NormscopeError("All sequences are random or repeated-token controls; give real text with --text.")
     return out
 
-
-@contextmanager
-def _task(progress: Any, name: str, total: float) -> Iterator[Callable[[float], None] | None]:
-    if progress is None:
-        yield None
-    else:
-        with progress.task(name, total) as adv:
-            yield adv
 
 
 def _stats_pass(model: Any, layout: Any, sites: list[Any], batches: list[TokenBatch], label: str, causal: bool,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normscope.analysis import build_meta
+from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
 from normscope.report import Figure, Result, heatmap_layer_head
@@ -427,14 +428,6 @@ def run(lm: Any, sample: Any, opts: DlaOptions | None = None, progress: Any = No
     backend = "bridge" if "attributions (TransformerLens bridge)" in timings else "direct"
     return _build_result(lm, sample, opts, plan, stats, backend, cross, neuron_rows, totals, notes, timings)
 
-
-@contextmanager
-def _task(progress: Any, name: str, total: int) -> Iterator[Callable[[int], None] | None]:
-    if progress is None:
-        yield None
-    else:
-        with progress.task(name, total) as adv:
-            yield adv
 
 
 class _Totals:

@@ -28,8 +28,6 @@ import re
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +37,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from normscope.analysis import build_meta
+from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
 from normscope.report import Figure, Result, plot_text
@@ -479,14 +478,6 @@ def _check_options(opts: HubnessOptions, n_tokens: int) -> None:
     if opts.memory_mb <= 0:
         raise NormscopeError("--memory-mb must be positive.")
 
-
-@contextmanager
-def _task(progress: Any, name: str, total: int) -> Iterator[Any]:
-    if progress is None:
-        yield None
-    else:
-        with progress.task(name, total) as adv:
-            yield adv
 
 
 def _token_meta(sample: Any) -> _TokenMeta:

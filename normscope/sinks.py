@@ -26,6 +26,7 @@ import plotly.graph_objects as go
 import torch
 
 from normscope.analysis import LossMeter, build_meta
+from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
 from normscope.report import Figure, Result, heatmap_layer_head
@@ -335,14 +336,6 @@ def run(lm: Any, sample: Any, opts: SinksOptions | None = None, progress: Any = 
                                  "meaningful; rerun with --dtype float32.")
     return result
 
-
-@contextmanager
-def _task(progress: Any, name: str, total: int) -> Iterator[Any]:
-    if progress is None:
-        yield None
-    else:
-        with progress.task(name, total) as adv:
-            yield adv
 
 
 def _ablate(cap: Capture, layout: Any, resid: dict[int, ResidualReducer], sample: Any, opts: SinksOptions,
