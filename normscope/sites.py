@@ -206,6 +206,8 @@ class ModelLayout:
     is_causal: bool
     n_heads: int
     d_model: int
+    sites: list[NormSite] | None = field(default=None, repr=False, compare=False)
+    """The norm sites found by the same probe pass (reused by :func:`find_norm_sites` while still valid)."""
 
     @property
     def n_layers(self) -> int:
@@ -429,7 +431,15 @@ def _analyse(model: nn.Module, layout: ModelLayout | None = None) -> tuple[Model
     found.sort(key=lambda s: s[0])  # forward order; norms that never ran come last, in module order
     sites = [s for _, s in found]
     layout.final_norm = next((s for s in sites if s.role == "final"), None)
+    layout.sites = sites
     return layout, sites
+
+
+def _sites_still_valid(model: nn.Module, sites: list[NormSite]) -> bool:
+    """Whether ``sites`` (from an earlier probe) still describe ``model``: the same norm modules at the same
+    paths (a wrapper such as remove-ln's frozen norm, installed since, invalidates them)."""
+    norms = {p: m for p, m in model.named_modules() if p and is_norm_module(m)}
+    return len(norms) == len(sites) and all(norms.get(s.path) is s.module for s in sites)
 
 
 def find_layout(model: nn.Module) -> ModelLayout:
@@ -454,7 +464,10 @@ def find_norm_sites(model: nn.Module, layout: ModelLayout | None = None) -> list
     which reads their output (sandwich post-norm, Gemma2) and which the residual passes through (post-LN,
     BERT). Norms that cannot be placed get role ``other`` and a name from their path; none is dropped.
     """
-    _, sites = _analyse(model, layout)
+    if layout is not None and layout.sites is not None and _sites_still_valid(model, layout.sites):
+        sites = layout.sites  # found by the probe pass that built the layout: no second pass
+    else:
+        _, sites = _analyse(model, layout)
     if not sites:
         raise NormscopeError(f"{type(model).__name__} has no normalization layers normscope recognises "
                              "(LayerNorm, RMSNorm or a *Norm module with an eps); give a model with norms.")

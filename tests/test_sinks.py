@@ -64,6 +64,40 @@ def test_outlier_share_matches_direct() -> None:
     assert torch.allclose(sinks.outlier_share(x, k=1, centered=True), directc, atol=1e-6)
 
 
+def test_row_median_is_torch_lower_median() -> None:
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 2, 7, 64, 1000):
+        a = torch.randn(5, n, generator=g).abs()
+        assert torch.equal(sinks.row_median(a), a.median(dim=1).values)
+    a64 = torch.randn(3, 10, dtype=torch.float64)
+    assert torch.equal(sinks.row_median(a64), a64.median(dim=1).values)
+
+
+def test_top3_entries_match_flat_topk() -> None:
+    g = torch.Generator().manual_seed(2)
+    for t, d in ((1, 5), (2, 3), (9, 16), (64, 40)):
+        a = torch.randn(4, t, d, generator=g).abs()
+        a[1, 0, :3] = torch.tensor([50.0, 40.0, 30.0])[: min(3, d)]  # all three in one token
+        vals, pos, dim = sinks.top3_entries(a)
+        ref = a.flatten(1).topk(min(3, t * d), dim=1)
+        assert torch.equal(vals, ref.values)
+        assert torch.equal(pos, ref.indices // d) and torch.equal(dim, ref.indices % d)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_site_outliers_is_one_pass_of_the_separate_metrics(centered: bool) -> None:
+    from normscope.sites import norm_divisor
+
+    x = torch.randn(2, 5, 32) * 3
+    x[1, 0, 7] = 900.0
+    div, share, top_dim = sinks.site_outliers(x, 3, centered, eps=1e-5)
+    assert torch.allclose(div, norm_divisor(x, centered=centered, eps=1e-5)[..., 0], rtol=1e-6)
+    assert torch.allclose(share, sinks.outlier_share(x, 3, centered), atol=1e-7)
+    xc = x - x.mean(-1, keepdim=True) if centered else x
+    assert torch.equal(top_dim, xc.abs().argmax(-1))
+    assert int(top_dim[1, 0]) == 7
+
+
 # ---- the capture pass against a direct computation ----------------------------------------------------
 def _tiny_lm(model: torch.nn.Module, causal: bool = True) -> LoadedModel:
     cfg = model.config

@@ -11,7 +11,7 @@ from normscope.cli.common import version_callback
 app = typer.Typer(
     name="normscope",
     help="Mechanistic analysis of the normalization layers of pretrained transformers.\n\n"
-    "Every command writes an HTML report (plotly, opens offline) plus JSON and CSV under reports/<model>/.\n"
+    "Every command writes an HTML report (plotly, opens offline) plus JSON and CSV under reports/MODEL/.\n"
     "Exit codes: 0 ok, 1 failure, 2 bad input.",
     no_args_is_help=True,
     rich_markup_mode="markdown",

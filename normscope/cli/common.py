@@ -66,7 +66,7 @@ MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Stop aft
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for sampling and the random-token controls.")]
 BosOpt = Annotated[str, typer.Option("--bos", help="Prepend BOS: auto (as the tokenizer does), yes, no.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder. Default: reports/<model>/.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder. Default: reports/MODEL/.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON result to stdout.")]
 

@@ -156,14 +156,14 @@ def remove_ln(
     save_every: Annotated[int, typer.Option("--save-every", min=0,
                                             help="Steps between checkpoints (0: end only).")] = 50,
     run_dir: Annotated[Path | None, typer.Option(
-        "--run-dir", help="Checkpoints and the exported model. Default: runs/remove-ln/<model>/.")] = None,
+        "--run-dir", help="Checkpoints and the exported model. Default: runs/remove-ln/MODEL/.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --run-dir.")] = False,
     export: Annotated[bool, typer.Option("--export/--no-export", help="Write the plain LN-free checkpoint.")] = True,
     export_eps: Annotated[float, typer.Option(
         "--export-eps", min=1.0, help="eps of the exported norms: each divides by the constant sqrt(eps) while "
         "mean(x^2) < eps * 6e-8 (default 1e16: RMS up to ~24,000).")] = 1e16,
     export_dir: Annotated[Path | None, typer.Option(
-        "--export-dir", help="Where the LN-free checkpoint goes. Default: <run-dir>/ln-free-model.")] = None,
+        "--export-dir", help="Where the LN-free checkpoint goes. Default: RUN_DIR/ln-free-model.")] = None,
     only: Annotated[str | None, typer.Option(
         "--only", help="Train only 'ln-free' or 'control' and stop: run both in parallel processes, then the same "
         "command with --resume --control evaluates them.")] = None,

@@ -52,6 +52,10 @@ WEIGHTS_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
 
 
+REMOVAL_ONLY = ("distill_weight", "momentum", "first_token", "split_value", "schedule")
+"""TrainOptions fields that only the LN-free run reads (a control ignores them)."""
+
+
 @dataclass
 class TrainOptions:
     """Settings of one fine-tuning run (the LN-free run and its control share them)."""
@@ -97,10 +101,12 @@ class TrainOptions:
     """Stop early (diverged) after this many non-finite steps in a row: a frozen model whose forward pass
     overflows on every batch cannot recover, since skipped steps change nothing (0: never stop)."""
 
-    def identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
+    def identity(self, control: bool = False) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues. A control keeps every norm, so
+        the removal-only settings do not change it: one control serves every removal variant on the same data
+        and optimizer settings."""
         d = asdict(self)
-        for k in ("save_every", "keep_checkpoints"):
+        for k in ("save_every", "keep_checkpoints") + (REMOVAL_ONLY if control else ()):
             d.pop(k)
         return d
 
@@ -437,7 +443,9 @@ def train(
     warmup = opts.warmup if opts.warmup is not None else max(1, round(0.05 * opts.steps))
     fingerprint = model_fingerprint(model)
     data_fp = data_fingerprint(batches)
-    identity = {**opts.identity(), "control": control, "remove": sorted(s.name for s in chosen)}
+    identity = {**opts.identity(control), "control": control}
+    if not control:
+        identity["remove"] = sorted(s.name for s in chosen)
     history: list[StepLog] = []
     cursor = DataCursor(len(batches), opts.seed)
     per_step = opts.grad_accum
