@@ -12,12 +12,14 @@ Three measurements, each against a baseline measured in the same run:
 
     python benchmarks/bench_sinks.py            # all three, ~10 minutes on 2 cores
     python benchmarks/bench_sinks.py --quick    # smaller token counts
+    python benchmarks/bench_sinks.py --threads 1   # pin torch threads (a machine shared with other jobs)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -117,17 +119,22 @@ def child(kind: str, n_tokens: int) -> None:
                       "peak_rss_mib": rss, "rss_after_load_mib": rss_loaded}))
 
 
-def _spawn(kind: str, n_tokens: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, str(n_tokens)], capture_output=True,
-                         text=True, check=True)
+def _spawn(kind: str, n_tokens: int, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, str(n_tokens), "--threads", str(threads)],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args.child[0], int(args.child[1]))
         return
@@ -136,15 +143,17 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     small, big = (2048, 16384) if args.quick else (8192, 65536)
+    print(f"machine: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print("== speed: sinks pass vs plain eager forward (same process, interleaved)")
     s = speed(4096 if args.quick else 8192, 2 if args.quick else 3)
     print(json.dumps(s, indent=1))
     print(f"== memory: peak RSS, {small} vs {big} tokens (fresh processes)")
-    m_small, m_big = _spawn("sinks", small), _spawn("sinks", big)
+    m_small, m_big = _spawn("sinks", small, args.threads), _spawn("sinks", big, args.threads)
     print(json.dumps({"small": m_small, "big": m_big, "ratio_big_to_small": m_big["peak_rss_mib"] /
                       m_small["peak_rss_mib"]}, indent=1))
     print(f"== TransformerLens run_with_cache vs normscope sinks, {small} tokens (fresh processes)")
-    tl = _spawn("tl", small)
+    tl = _spawn("tl", small, args.threads)
     print(json.dumps({"normscope": m_small, "transformer_lens": tl,
                       "speed_ratio_normscope_to_tl": m_small["tok_s"] / tl["tok_s"],
                       "rss_ratio_normscope_to_tl": m_small["peak_rss_mib"] / tl["peak_rss_mib"]}, indent=1))
