@@ -34,7 +34,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from normscope.analysis import LossMeter, build_meta
+from normscope.analysis import LossMeter, build_meta, flag_nonfinite
 from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
@@ -154,13 +154,16 @@ def best_windows(dist: np.ndarray | torch.Tensor) -> pd.DataFrame:
     """For every window size n, the start l minimising d(h_l, h_{l+n}) (Gromov et al.'s block to drop).
 
     dist: ``[L+1, L+1]`` mean angular distances between residual points (0 = embeddings, l = after block
-    l - 1). Dropping blocks l .. l+n-1 joins h_l to h_{l+n}. Returns rows (n, start, end, distance).
+    l - 1). Dropping blocks l .. l+n-1 joins h_l to h_{l+n}. Returns rows (n, start, end, distance); a window
+    size whose distances are all NaN (inf/NaN activations, which the report flags) has no row.
     """
     d = np.asarray(dist, dtype=float)
     n_points = d.shape[0]
     rows = []
     for n in range(1, n_points):
         diag = np.array([d[i, i + n] for i in range(n_points - n)])
+        if np.isnan(diag).all():
+            continue
         start = int(np.nanargmin(diag))
         rows.append({"n": n, "start": start, "end": start + n - 1, "distance": float(diag[start])})
     return pd.DataFrame(rows, columns=["n", "start", "end", "distance"])
@@ -190,12 +193,15 @@ def fit_growth(depth: np.ndarray | list[float], values: np.ndarray | list[float]
     """Fit log(y) = a + p log(l + 1) (power law) and log(y) = a + r l (exponential); report both with R^2.
 
     depth: layer indices l >= 0 (0 = embeddings); values: positive numbers (e.g. the mean residual norm).
-    Non-positive or non-finite values are left out. R^2 is measured on log(y).
+    Non-positive or non-finite values are left out; when inf/NaN values (an overflow, which the report flags)
+    leave fewer than three layers, every field is NaN. R^2 is measured on log(y).
     """
     x = np.asarray(depth, dtype=float)
     y = np.asarray(values, dtype=float)
     ok = np.isfinite(y) & (y > 0) & np.isfinite(x)
     x, ly = x[ok], np.log(y[ok])
+    if len(x) < 3 and len(y) >= 3 and not np.isfinite(y).all():
+        return GrowthFit(math.nan, math.nan, math.nan, math.nan, "neither (inf/NaN values)")
     if len(x) < 3:
         raise NormscopeError("A growth law needs at least three layers with positive values; use a deeper model.")
     p, a = np.polyfit(np.log(x + 1.0), ly, 1)
@@ -633,7 +639,7 @@ def run(lm: Any, sample: Any, opts: DepthOptions | None = None, progress: Any = 
     dist = base.angular.mean().numpy()
     windows = best_windows(dist)
     drop: dict[str, Any] | None = None
-    if window and causal:
+    if window and causal and (windows["n"] == window).any():
         row = windows.loc[windows["n"] == window].iloc[0]
         blocks = list(range(int(row["start"]), int(row["end"]) + 1))
         t0 = time.perf_counter()
@@ -720,7 +726,7 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
     }
     if base_loss is not None:
         headlines["loss"] = round(base_loss, 4)
-    if skip_loss:
+    if skip_loss and blocks["skip_delta_loss"].notna().any():  # all NaN when the loss overflowed
         worst = blocks.loc[blocks["skip_delta_loss"].idxmax()]
         least = blocks.loc[blocks["skip_delta_loss"].idxmin()]
         headlines["costliest_block_to_skip"] = f"{int(worst['block'])} ({worst['skip_delta_loss']:+.3f})"
@@ -756,18 +762,11 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
     post_ln = not any(s.role in PRE_NORM_ROLES for s in sites)
     summary = _summary(info, layers, blocks, growth_rest, base_loss, lns, drop, n_blocks, opts, sample, batches,
                        post_ln)
-    nonfinite = base.extra.get("nonfinite", [])
-    payload["nonfinite"] = nonfinite
-    if nonfinite:
-        first = nonfinite[0]
-        summary.insert(0, f"Warning: inf/NaN values appeared at {len(nonfinite)} hook points, first at "
-                          f"{first['point']} (batch {first['first_batch']}): the statistics there are not meaningful; "
-                          "rerun with --dtype float32.")
     figures = _figures(layers, blocks, sites_df, dist, windows, drop, growth_rest, lns is not None, base_loss)
     tables = {"layers": layers, "blocks": blocks, "sites": sites_df, "growth": growth, "windows": windows,
               "angular": angular_df}
     settings = {k: v for k, v in opts.__dict__.items()}
-    return Result(
+    result = Result(
         analysis="depth",
         title="Curse of depth: variance growth and layer effectiveness",
         meta=build_meta(lm, sample, **settings),
@@ -779,6 +778,8 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
         references=REFERENCES,
         timings=timings,
     )
+    flag_nonfinite(result, base.extra.get("nonfinite", []))
+    return result
 
 
 def quotable_line(blocks: pd.DataFrame, n_blocks: int, fraction: float = DEEP_FRACTION) -> str:
@@ -815,7 +816,7 @@ def _summary(info: Any, layers: pd.DataFrame, blocks: pd.DataFrame, g: GrowthFit
            " Sun et al. 2025 (Curse of Depth) show that in Pre-LN models this growth makes deep blocks "
            "near-identity.")
     )
-    if "skip_delta_loss" in blocks:
+    if "skip_delta_loss" in blocks and blocks["skip_delta_loss"].notna().any():
         sk = blocks.dropna(subset=["skip_delta_loss"])
         w = sk.loc[sk["skip_delta_loss"].idxmax()]
         out.append(

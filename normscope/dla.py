@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normscope.analysis import build_meta
+from normscope.analysis import build_meta, flag_nonfinite, note_nonfinite, watch_residual
 from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
@@ -394,11 +394,12 @@ def run(lm: Any, sample: Any, opts: DlaOptions | None = None, progress: Any = No
         timings["booting the TransformerLens bridge"] = time.perf_counter() - t0
     cross: dict[str, float] = {}
     passes = 1 + (1 if top else 0)
+    nonfinite: dict[str, dict[str, Any]] = {}  # inf/NaN in the bridge's cache, by TransformerLens hook name
     with _task(progress, "dla", sample.n_tokens * passes) as advance:
         t0 = time.perf_counter()
         accepted = False
         if bridge is not None:
-            cross, accepted = _run_bridge(bridge, lm, plan, sample, stats, totals, top, opts, advance)
+            cross, accepted = _run_bridge(bridge, lm, plan, sample, stats, totals, top, opts, advance, nonfinite)
             del bridge
             if accepted:
                 timings["attributions (TransformerLens bridge)"] = time.perf_counter() - t0
@@ -415,7 +416,7 @@ def run(lm: Any, sample: Any, opts: DlaOptions | None = None, progress: Any = No
                     "normscope's own hooks.")
         if not accepted:
             t0 = time.perf_counter()
-            _run_direct(lm, plan, sample, stats, totals, top, advance)
+            nonfinite = {r["point"]: r for r in _run_direct(lm, plan, sample, stats, totals, top, advance)}
             timings["attributions (normscope hooks)"] = time.perf_counter() - t0
         if top:
             t0 = time.perf_counter()
@@ -426,7 +427,9 @@ def run(lm: Any, sample: Any, opts: DlaOptions | None = None, progress: Any = No
                 row.update(res)
             timings["entropy-neuron ablations"] = time.perf_counter() - t0
     backend = "bridge" if "attributions (TransformerLens bridge)" in timings else "direct"
-    return _build_result(lm, sample, opts, plan, stats, backend, cross, neuron_rows, totals, notes, timings)
+    result = _build_result(lm, sample, opts, plan, stats, backend, cross, neuron_rows, totals, notes, timings)
+    flag_nonfinite(result, list(nonfinite.values()))
+    return result
 
 
 
@@ -468,6 +471,7 @@ class _DirectHooks:
                                for p in ("hook_resid_post", "hook_resid_pre", "attn.hook_out")]
                      for b in blocks if b.mlp is None}
         self.resid = self.cap.add(f"{plan.final.name}.hook_in", _Stash())
+        watch_residual(self.cap, plan.layout)
         self.modules = [*plan.o_proj] + ([plan.mlp_out] if with_acts and plan.mlp_out is not None else [])
         self.store: dict[int, torch.Tensor] = {}
 
@@ -503,8 +507,10 @@ def _positions(sel: torch.Tensor) -> torch.Tensor:
 
 
 def _run_direct(lm: Any, plan: _Plan, sample: Any, stats: AttributionStats | None, totals: _Totals,
-                top: list[int], advance: Any) -> None:
-    """One pass over the sample with normscope's hooks: attributions (when ``stats``), CE, neuron activations."""
+                top: list[int], advance: Any) -> list[dict[str, Any]]:
+    """One pass over the sample with normscope's hooks: attributions (when ``stats``), CE, neuron activations.
+
+    Returns the pass's inf/NaN report (:meth:`Capture.nonfinite_report`)."""
     hooks = _DirectHooks(lm, plan, with_acts=bool(top))
 
     def on_out(out: Any, ctx: BatchContext) -> None:
@@ -521,6 +527,7 @@ def _run_direct(lm: Any, plan: _Plan, sample: Any, stats: AttributionStats | Non
 
     with hooks.active():
         hooks.cap.run(sample.iter_batches(), on_output=on_out, progress=advance)
+    return hooks.cap.nonfinite_report()
 
 
 def boot_bridge(lm: Any) -> Any:
@@ -547,14 +554,17 @@ def boot_bridge(lm: Any) -> Any:
 
 
 def bridge_attributions(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, plan: _Plan,
-                        act_hook: str | None = None) -> dict[str, Any]:
+                        act_hook: str | None = None, nonfinite: dict[str, dict[str, Any]] | None = None,
+                        batch: int = 0) -> dict[str, Any]:
     """DLA of every head and MLP layer as a TransformerLens user computes it, and the DE from the same cache.
 
     Uses the ActivationCache helpers: ``stack_head_results`` (per-head outputs from hook_z and W_O),
     ``decompose_resid(mode="mlp")`` (MLP outputs), ``logit_attrs`` (``apply_ln_to_stack`` with the cached
     ``ln_final.hook_scale``, dotted with the gain-folded W_U). Returns ``dla``/``de`` ``[C, N]`` (components
     layer by layer: heads, then the MLP), ``sel``/``tgt`` (predicted positions and their targets), ``logits``
-    ``[N, vocab]`` and, when ``act_hook`` names a cached hook, ``acts`` ``[batch, pos, n_neurons]``.
+    ``[N, vocab]`` and, when ``act_hook`` names a cached hook, ``acts`` ``[batch, pos, n_neurons]``. When
+    ``nonfinite`` is given, the inf/NaN values of every cached activation are counted into it (see
+    :func:`note_nonfinite`; ``batch`` is the batch number recorded for a point's first one).
     """
     n_layers, n_heads = plan.layout.n_layers, plan.n_heads
     wanted = ("attn.hook_z", "hook_mlp_out", "ln_final.hook_scale", "ln_final.hook_in", "hook_embed")
@@ -584,19 +594,24 @@ def bridge_attributions(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, plan
                                                   centered=plan.final.centered, eps=plan.final.eps)
         out: dict[str, Any] = {"dla": dla_grid[:, sel[:, :-1]].double().cpu(), "de": de, "sel": sel, "tgt": tgt,
                                "logits": logits[sel]}
+        if nonfinite is not None:
+            for name, x in cache.cache_dict.items():
+                note_nonfinite(nonfinite, name, x, batch)
         if act_hook is not None and act_hook in cache.cache_dict:
             out["acts"] = cache[act_hook]
     return out
 
 
 def _run_bridge(bridge: Any, lm: Any, plan: _Plan, sample: Any, stats: AttributionStats, totals: _Totals,
-                top: list[int], opts: DlaOptions, advance: Any) -> tuple[dict[str, float], bool]:
+                top: list[int], opts: DlaOptions, advance: Any,
+                nonfinite: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, float], bool]:
     """Attributions with the bridge over the sample, in micro-batches of ``opts.micro_batch_tokens``.
 
     The first micro-batch also runs through normscope's own hooks: when the bridge's logits or DLA disagree
     with the model's (relative difference above ``BRIDGE_TOLERANCE``, e.g. a norm whose eps differs from the
     config's, which the bridge reads), backend ``auto`` stops and returns ``(crosscheck, False)`` so that the
-    caller falls back to the direct computation. Returns ``(crosscheck, accepted)``.
+    caller falls back to the direct computation. Returns ``(crosscheck, accepted)``. Every cached activation is
+    checked for inf/NaN into ``nonfinite`` (by TransformerLens hook name, as :func:`note_nonfinite` records them).
     """
     dev = next(lm.model.parameters()).device
     act_hook = f"blocks.{plan.layout.n_layers - 1}.mlp.out.hook_in" if top else None
@@ -606,7 +621,7 @@ def _run_bridge(bridge: Any, lm: Any, plan: _Plan, sample: Any, stats: Attributi
         for s in range(0, b.input_ids.shape[0], step):
             ids = b.input_ids[s:s + step].to(dev)
             mask = b.attention_mask[s:s + step].to(dev)
-            res = bridge_attributions(bridge, ids, mask, plan, act_hook)
+            res = bridge_attributions(bridge, ids, mask, plan, act_hook, nonfinite, bi)
             if bi == 0 and s == 0:
                 cross = crosscheck_direct(lm, plan, ids, mask, res)
                 if not cross["agrees"] and opts.backend == "auto":

@@ -19,7 +19,10 @@ arXiv:2104.08821, with masking as the augmentation).
 Accumulation: one forward and one backward pass per batch, no graph kept. Each batch's loss is scaled by its
 share of the whole text, so the ``.grad`` the parameters accumulate over batches IS the gradient of the mean
 loss over the whole text (not a mean of per-batch norms). Residual-stream gradients are reduced to per-token
-norms inside tensor hooks registered during the forward pass; nothing per token is kept.
+norms inside tensor hooks registered during the forward pass; nothing per token is kept. A batch whose
+activations or loss overflow to inf/NaN (fp16/bf16) gets no backward pass, since one NaN would poison every
+accumulated gradient: the gradients are rescaled to the mean over the batches kept, and the report names the
+first hook point that overflowed and the batches left out.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normscope.analysis import build_meta
+from normscope.analysis import build_meta, flag_nonfinite, note_nonfinite, watch_residual
 from normscope.capture import BatchContext, Capture, TokenMoments
 from normscope.depth import text_batches, token_l2
 from normscope.errors import NormscopeError
@@ -233,12 +236,15 @@ class GradProfile:
     groups: pd.DataFrame  # block (or None), group, grad_norm, param_norm, n_params
     residual: pd.DataFrame  # point, grad_rest, grad_pos0
     seconds: float = 0.0
+    nonfinite: list[dict[str, Any]] = field(default_factory=list)  # inf/NaN report (Capture.nonfinite_report)
+    skipped_batches: list[int] = field(default_factory=list)  # batches left out because of inf/NaN
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "n_blocks": self.n_blocks, "loss_kind": self.loss_kind,
                 "loss_name": self.loss_name, "loss": self.loss, "n_loss_terms": self.n_units,
-                "n_tokens": self.n_tokens, "blocks": self.blocks.to_dict("records"),
-                "groups": self.groups.to_dict("records"), "residual": self.residual.to_dict("records")}
+                "n_tokens": self.n_tokens, "skipped_batches": self.skipped_batches,
+                "blocks": self.blocks.to_dict("records"), "groups": self.groups.to_dict("records"),
+                "residual": self.residual.to_dict("records")}
 
 
 @contextmanager
@@ -311,7 +317,8 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
     batches = text_batches(sample, opts.include_controls)
     masker = _Masker(lm.tokenizer, opts.mask_rate, opts.seed)
     masks = (lambda b, i: masker(b, i)) if kind != "next-token" else (lambda b, i: None)
-    n_units = sum(int(masks(b, i).sum()) if kind == "mlm" else _loss_units(kind, b) for i, b in enumerate(batches))
+    units = [int(masks(b, i).sum()) if kind == "mlm" else _loss_units(kind, b) for i, b in enumerate(batches)]
+    n_units = sum(units)
     if n_units == 0:
         raise NormscopeError("The text gives no loss terms (sequences too short); raise --seq-len.")
     groups = param_groups(model, layout, sites)
@@ -322,8 +329,12 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
         cap.intervene(f"blocks.{b.index}.hook_resid_post", points[k + 1])
     for p in points:
         p.scale = float(n_units)
+    watch_residual(cap, layout)
     dev = next(model.parameters()).device
     total_loss = 0.0
+    kept_units = kept_tok = 0
+    skipped: list[int] = []
+    bad_loss: dict[str, dict[str, Any]] = {}  # a loss that overflowed while every hooked activation was finite
     n_tok = sum(int(b.attention_mask.sum()) for b in batches)
     t0 = time.perf_counter()
     with _grads_enabled(model), cap, _task(progress, f"gradients ({LOSS_NAMES[kind].split(':')[0][:40]})",
@@ -334,16 +345,34 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
             seen = b if kind != "masked-view" else TokenBatch(
                 torch.cat([b.input_ids, b.input_ids]), torch.cat([b.attention_mask, b.attention_mask]),
                 list(b.categories) * 2)
+            before = _nonfinite_count(cap)
             with cap.batch(seen, index=i):
                 loss_sum, _, _ = _forward_loss(model, kind, b, masked, masker.mask_id)
-                (loss_sum / n_units).backward()  # accumulates .grad of the mean loss over the whole text
-            total_loss += float(loss_sum.detach())
+                hooked_ok = _nonfinite_count(cap) == before
+                if hooked_ok:
+                    note_nonfinite(bad_loss, "loss", loss_sum.detach(), i)
+                finite = hooked_ok and math.isfinite(float(loss_sum.detach()))
+                if finite:  # an overflowing batch would turn every accumulated gradient into NaN: left out
+                    (loss_sum / n_units).backward()  # accumulates .grad of the mean loss over the whole text
+            if finite:
+                total_loss += float(loss_sum.detach())
+                kept_units += units[i]
+                kept_tok += int(b.attention_mask.sum())
+            else:
+                skipped.append(i)
             if adv is not None:
                 adv(int(b.attention_mask.sum()))
+        report = cap.nonfinite_report() + list(bad_loss.values())
+        if not kept_units:
+            first = report[0]
+            raise NormscopeError(f"Every batch overflowed to inf/NaN in this dtype (first at {first['point']}, batch "
+                                 f"{first['first_batch']}), so there is no gradient to measure; rerun with "
+                                 "--dtype float32.")
+        rescale = n_units / kept_units  # 1.0 unless batches were left out: the mean over the batches kept
         rows = []
         for g in groups:
             grads = [p.grad for p in g.params if p.grad is not None]
-            rows.append({"block": g.block, "group": g.group, "grad_norm": l2(grads),
+            rows.append({"block": g.block, "group": g.group, "grad_norm": l2(grads) * rescale,
                          "param_norm": l2([p.detach() for p in g.params]), "n_params": g.n_params})
     seconds = time.perf_counter() - t0
     gdf = pd.DataFrame(rows, columns=["block", "group", "grad_norm", "param_norm", "n_params"])
@@ -351,12 +380,17 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
     blocks = _block_table(gdf, layout.n_layers)
     residual = pd.DataFrame([{"point": p.point, "grad_rest": p.moments.mean("rest"),
                               "grad_pos0": p.moments.mean("pos0")} for p in points])
-    if not math.isfinite(total_loss) or not np.isfinite(gdf["grad_norm"]).all():
-        raise NormscopeError("The loss or its gradients overflowed to inf/NaN in this dtype; "
+    if not np.isfinite(gdf["grad_norm"]).all():
+        raise NormscopeError("The gradients overflowed to inf/NaN in this dtype (the forward pass stayed finite); "
                              "rerun with --dtype float32.")
     name = LOSS_NAMES[kind].format(rate=opts.mask_rate)
-    return GradProfile(lm.info.spec, layout.n_layers, kind, name, total_loss / n_units, n_units, n_tok, blocks, gdf,
-                       residual, seconds)
+    return GradProfile(lm.info.spec, layout.n_layers, kind, name, total_loss / kept_units, kept_units, kept_tok,
+                       blocks, gdf, residual, seconds, report, skipped)
+
+
+def _nonfinite_count(cap: Capture) -> int:
+    """inf/NaN values the capture has counted so far, over all its points."""
+    return sum(r["values"] for r in cap.nonfinite.values())
 
 
 def _block_table(gdf: pd.DataFrame, n_blocks: int) -> pd.DataFrame:
@@ -399,7 +433,24 @@ def run(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: Any = 
     profiles = [measure(lm, sample, opts, progress)]
     if compare is not None:
         profiles.append(measure(compare[0], compare[1], opts, progress))
-    return _build_result(lm, sample, opts, profiles)
+    result = _build_result(lm, sample, opts, profiles)
+    flag_nonfinite(result, nonfinite_report(profiles), _skipped_note(profiles))
+    return result
+
+
+def nonfinite_report(profiles: list[GradProfile]) -> list[dict[str, Any]]:
+    """The profiles' inf/NaN reports as one; with a comparison, each point of the second model is prefixed by
+    its name."""
+    rows = list(profiles[0].nonfinite)
+    for p in profiles[1:]:
+        rows += [{**r, "point": f"{p.model}: {r['point']}"} for r in p.nonfinite]
+    return rows
+
+
+def _skipped_note(profiles: list[GradProfile]) -> str:
+    parts = [f"{len(p.skipped_batches)} batch{'es' if len(p.skipped_batches) != 1 else ''} of {p.model} "
+             f"({', '.join(map(str, p.skipped_batches))})" for p in profiles if p.skipped_batches]
+    return f"{' and '.join(parts) or 'no batch'} left out of the gradients and the loss"
 
 
 def _build_result(lm: Any, sample: Any, opts: GradsOptions, profiles: list[GradProfile]) -> Result:

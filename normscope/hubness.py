@@ -36,7 +36,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from normscope.analysis import build_meta
+from normscope.analysis import build_meta, flag_nonfinite, merge_nonfinite, watch_residual
 from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
@@ -402,12 +402,14 @@ def run(lm: Any, sample: Any, opts: HubnessOptions | None = None, progress: Any 
     n_knn = len(points) * len(opts.metrics)
     total = sample.n_tokens * len(groups) + n_knn + (1 if with_unembed else 0)
     sink_reducers: dict[int, AttentionSinkReducer] = {}
+    nonfinite: list[list[dict[str, Any]]] = []  # one inf/NaN report per pass
     with _task(progress, "hubness", total) as advance:
         for gi, group in enumerate(groups):
             cap = Capture(model, layout, sites)
             collectors = {p.hook: cap.add(p.hook, MatrixCollector(n_tok)) for p in group}
             final_col = None
             if gi == 0:
+                watch_residual(cap, layout)  # every block's output checked for inf/NaN once
                 sink_reducers = {b.index: AttentionSinkReducer(b.index, 0.3, info.is_causal, 16)
                                  for b in layout.blocks if b.attn is not None}
                 for i, r in sink_reducers.items():
@@ -419,6 +421,7 @@ def run(lm: Any, sample: Any, opts: HubnessOptions | None = None, progress: Any 
             with cap:
                 cap.run(sample.iter_batches(), progress=advance)
             timings["forward passes"] += time.perf_counter() - t0
+            nonfinite.append(cap.nonfinite_report())
             if gi == 0:
                 meta.sink_ids = {tid for r in sink_reducers.values() for (pc, tid) in r.sink_tokens if pc == "later"}
                 if final_col is not None:
@@ -460,8 +463,10 @@ def run(lm: Any, sample: Any, opts: HubnessOptions | None = None, progress: Any 
                         hubs.append({"point": p.label, "layer": p.layer, "metric": metric, "rank": rank + 1, **r})
                     hists.setdefault(p.label, {})[metric] = nk
             del done
-    return _build_result(lm, sample, opts, layers, points, groups, results, hubs, hists,
-                         unembed_scores, unembed_rows, meta, timings, bytes_per_point)
+    result = _build_result(lm, sample, opts, layers, points, groups, results, hubs, hists,
+                           unembed_scores, unembed_rows, meta, timings, bytes_per_point)
+    flag_nonfinite(result, merge_nonfinite(nonfinite, Capture(model, layout, sites).points()))
+    return result
 
 
 def _check_options(opts: HubnessOptions, n_tokens: int) -> None:

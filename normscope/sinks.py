@@ -26,7 +26,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from normscope.analysis import LossMeter, build_meta
+from normscope.analysis import LossMeter, build_meta, flag_nonfinite
 from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
@@ -369,13 +369,7 @@ def run(lm: Any, sample: Any, opts: SinksOptions | None = None, progress: Any = 
         ablations = _ablate(cap, layout, resid, sample, opts, loss, advance) if opts.ablate else []
 
     result = _build_result(lm, sample, opts, layout, attn, resid, outl, loss, ablations, tok)
-    nonfinite = cap.nonfinite_report()
-    result.payload["nonfinite"] = nonfinite
-    if nonfinite:
-        first = nonfinite[0]
-        result.summary.insert(0, f"Warning: inf/NaN values appeared at {len(nonfinite)} hook points, first at "
-                                 f"{first['point']} (batch {first['first_batch']}): the statistics there are not "
-                                 "meaningful; rerun with --dtype float32.")
+    flag_nonfinite(result, cap.nonfinite_report())
     return result
 
 

@@ -9,17 +9,21 @@ for the same seed (test_suite.py); escaping inside the report writer (test_repor
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from normscope import depth, dla, grads
+from normscope import hubness as hb
 from normscope.cli import app
 from normscope.errors import NormscopeError
-from normscope.models import ModelInfo, check_memory, estimate_batch_bytes, slugify
+from normscope.models import LoadedModel, ModelInfo, check_memory, estimate_batch_bytes, slugify
 from normscope.report import Result, write_report
 from normscope.text import TextOptions, load_text
 from tests.tiny import save_tiny, tiny_llama, tiny_tokenizer
@@ -146,3 +150,68 @@ def test_remote_code_model_says_so_in_one_line(tmp_path) -> None:
     res = runner.invoke(app, ["sites", str(folder)])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "--trust-remote-code" in res.output
+
+
+# ---- fp16/bf16 overflow: named by hook point in every analysis, never silently averaged ---------------------
+def _tiny_lm(model: torch.nn.Module) -> LoadedModel:
+    cfg = model.config
+    info = ModelInfo(spec="tiny", name="tiny", slug="tiny", source="folder", architecture="llama",
+                     n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+                     is_causal=True, max_positions=64, dtype="float32", device="cpu")
+    return LoadedModel(model, tiny_tokenizer(), info)
+
+
+OVERFLOW_RUNS = {
+    "depth": lambda lm, s: depth.run(lm, s, depth.DepthOptions(layers="0", window=1)),
+    "hubness": lambda lm, s: hb.run(lm, s, hb.HubnessOptions(k=3)),
+    "grads": lambda lm, s: grads.run(lm, s),
+    "dla": lambda lm, s: dla.run(lm, s, dla.DlaOptions(backend="direct", neurons=2)),
+    "dla-bridge": lambda lm, s: dla.run(lm, s, dla.DlaOptions(backend="bridge", neurons=0)),
+}
+FIRST_POINT = {"dla-bridge": "blocks.2.attn.hook_z"}  # the bridge caches no residual: the first cached NaN
+
+
+@pytest.mark.parametrize("analysis", sorted(OVERFLOW_RUNS))
+def test_overflow_is_named_by_hook_point_in_every_analysis(analysis: str, tmp_path) -> None:
+    """An inf in block 1's output on the first batch only (an fp16 overflow) is reported at
+    blocks.1.hook_resid_post, first line of the summary and first headline, and the page still renders; grads
+    leaves that batch out instead of averaging NaN into every gradient."""
+    model = tiny_llama(n_layers=3)
+    sample = load_text(tiny_tokenizer(), TextOptions(seq_len=32, max_tokens=512, batch_size=4), max_positions=64,
+                       is_causal=True)
+    target = next(iter(sample.iter_batches())).input_ids[0]  # [pos]: the first text row overflows, nothing else
+    seen: dict[str, torch.Tensor] = {}
+
+    def note_ids(module, args):
+        seen["ids"] = args[0]  # [batch, pos]
+
+    def overflow(module, args, out):
+        ids = seen["ids"]
+        rows = (ids == target).all(dim=1).nonzero().flatten().tolist() if ids.shape[1] == target.numel() else []
+        if not rows:
+            return None
+        hidden = (out[0] if isinstance(out, tuple) else out).clone()  # [batch, pos, d_model]
+        hidden[rows[0], 3, 5] = float("inf")
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    hooks = [model.model.embed_tokens.register_forward_pre_hook(note_ids),
+             model.model.layers[1].register_forward_hook(overflow)]
+    try:
+        result = OVERFLOW_RUNS[analysis](_tiny_lm(model), sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    first = FIRST_POINT.get(analysis, "blocks.1.hook_resid_post")
+    report = result.payload["nonfinite"]
+    assert report[0]["point"] == first
+    assert report[0]["first_batch"] == 0 and report[0]["values"] >= 1
+    assert result.summary[0].startswith("Warning: inf/NaN values appeared at ")
+    assert f"{first} (batch 0)" in result.summary[0]
+    assert next(iter(result.headlines.items())) == ("nonfinite_points", len(report))
+    page = write_report(result, tmp_path).html.read_text()
+    assert f"{first} (batch 0)" in page
+    if analysis == "grads":
+        profile = result.payload["profiles"][0]
+        assert profile["skipped_batches"] == [0]
+        assert all(math.isfinite(r["total"]) for r in profile["blocks"])
+        assert "left out of the gradients" in result.summary[0]
