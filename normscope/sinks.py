@@ -364,12 +364,13 @@ def run(lm: Any, sample: Any, opts: SinksOptions | None = None, progress: Any = 
     total = sample.n_tokens * n_passes
     with _task(progress, "sinks", total) as advance, cap:
         cap.run(sample.iter_batches(), on_output=loss, progress=advance)
+        nonfinite = cap.nonfinite_report()  # of the measuring pass only, not of the ablations' edited passes
         cap.remove()
         cap.clear()
         ablations = _ablate(cap, layout, resid, sample, opts, loss, advance) if opts.ablate else []
 
     result = _build_result(lm, sample, opts, layout, attn, resid, outl, loss, ablations, tok)
-    flag_nonfinite(result, cap.nonfinite_report())
+    flag_nonfinite(result, nonfinite)
     return result
 
 

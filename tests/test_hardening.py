@@ -215,3 +215,35 @@ def test_overflow_is_named_by_hook_point_in_every_analysis(analysis: str, tmp_pa
         assert profile["skipped_batches"] == [0]
         assert all(math.isfinite(r["total"]) for r in profile["blocks"])
         assert "left out of the gradients" in result.summary[0]
+
+
+def test_nonfinite_report_starts_where_the_overflow_began() -> None:
+    """An inf written by block 1's MLP is reported first there, then where it spreads (block 1's output, block
+    2's attention norm), in the order the forward pass reached them, not in the order of ``points()``."""
+    from normscope.capture import Capture
+    from normscope.sites import find_layout, find_norm_sites
+    from normscope.text import sample_from_ids
+
+    class Keep:
+        def update(self, x: torch.Tensor, ctx: object) -> None:  # x: [batch, pos, d_model]
+            pass
+
+    model = tiny_llama(n_layers=3).eval()
+    layout = find_layout(model)
+    cap = Capture(model, layout, find_norm_sites(model, layout))
+    points = ["blocks.2.ln1.hook_in", "blocks.1.hook_resid_post", "blocks.1.mlp.hook_out"]
+    for p in points:
+        cap.add(p, Keep())
+
+    def overflow(x: torch.Tensor, ctx: object) -> torch.Tensor:
+        x = x.clone()
+        x[:, 1, 0] = math.inf
+        return x
+
+    cap.intervene("blocks.1.mlp.hook_out", overflow)
+    with cap:
+        cap.run(sample_from_ids([[1, 2, 3, 4]] * 2, ["x"] * 2).iter_batches())
+    report = cap.nonfinite_report()
+    assert [r["point"] for r in report] == ["blocks.1.mlp.hook_out", "blocks.1.hook_resid_post",
+                                            "blocks.2.ln1.hook_in"]
+    assert all(set(r) == {"point", "first_batch", "values"} and r["first_batch"] == 0 for r in report)
