@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normscope.analysis import build_meta, flag_nonfinite, note_nonfinite, watch_residual
+from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture, TokenMoments
 from normscope.depth import text_batches, token_l2
 from normscope.errors import NormscopeError
@@ -407,15 +408,6 @@ def _block_table(gdf: pd.DataFrame, n_blocks: int) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     out["depth"] = (out["block"] + 0.5) / max(n_blocks, 1)
     return out
-
-
-@contextmanager
-def _task(progress: Any, name: str, total: float) -> Iterator[Any]:
-    if progress is None:
-        yield None
-    else:
-        with progress.task(name, total) as adv:
-            yield adv
 
 
 # ---- the analysis ----------------------------------------------------------------------------------------
