@@ -24,6 +24,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,8 +76,37 @@ def speed(n_tokens: int, rounds: int) -> dict:
             "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
+class RssSampler:
+    """Peak resident memory while a block runs, sampled from /proc every 10 ms (``ru_maxrss`` cannot see a
+    pass whose peak stays under the peak of loading the model)."""
+
+    def __init__(self) -> None:
+        self.peak = self.start = _rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss_mib())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def child(kind: str, n_tokens: int) -> None:
-    """Run in a fresh process; print one JSON line with tokens/s and peak RSS."""
+    """Run in a fresh process; print one JSON line with tokens/s, peak RSS over the whole process, and the
+    peak during the measured pass above the resident memory just before it."""
     import torch
 
     from normscope.models import load_model
@@ -84,6 +114,7 @@ def child(kind: str, n_tokens: int) -> None:
     lm = load_model("smollm2-135m", device="cpu")
     sample = _sample(lm, n_tokens)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sampler = RssSampler().__enter__()
     t0 = time.perf_counter()
     if kind == "sinks":
         from normscope import sinks
@@ -99,6 +130,7 @@ def child(kind: str, n_tokens: int) -> None:
         top1 = torch.zeros(n_layers, dtype=torch.float64)
         med = torch.zeros(n_layers, dtype=torch.float64)
         n = 0
+        sampler.start = sampler.peak = _rss_mib()  # the pass only, not the bridge's boot
         t0 = time.perf_counter()
         with torch.no_grad():
             for b in sample.iter_batches():
@@ -114,9 +146,12 @@ def child(kind: str, n_tokens: int) -> None:
                 n += b.input_ids.shape[0]
                 del cache
     seconds = time.perf_counter() - t0
+    sampler.__exit__()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"kind": kind, "tokens": sample.n_tokens, "tok_s": sample.n_tokens / seconds,
-                      "peak_rss_mib": rss, "rss_after_load_mib": rss_loaded}))
+                      "peak_rss_mib": rss, "rss_after_load_mib": rss_loaded,
+                      "pass_rss_before_mib": sampler.start, "pass_peak_rss_mib": sampler.peak,
+                      "pass_growth_mib": sampler.peak - sampler.start}))
 
 
 def _spawn(kind: str, n_tokens: int, threads: int) -> dict:
@@ -129,6 +164,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--skip-speed", action="store_true", help="only the memory and TransformerLens parts")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -145,18 +181,22 @@ def main() -> None:
     small, big = (2048, 16384) if args.quick else (8192, 65536)
     print(f"machine: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print("== speed: sinks pass vs plain eager forward (same process, interleaved)")
-    s = speed(4096 if args.quick else 8192, 2 if args.quick else 3)
-    print(json.dumps(s, indent=1))
+    if not args.skip_speed:
+        print("== speed: sinks pass vs plain eager forward (same process, interleaved)")
+        print(json.dumps(speed(4096 if args.quick else 8192, 2 if args.quick else 3), indent=1))
     print(f"== memory: peak RSS, {small} vs {big} tokens (fresh processes)")
     m_small, m_big = _spawn("sinks", small, args.threads), _spawn("sinks", big, args.threads)
-    print(json.dumps({"small": m_small, "big": m_big, "ratio_big_to_small": m_big["peak_rss_mib"] /
-                      m_small["peak_rss_mib"]}, indent=1))
+    print(json.dumps({"small": m_small, "big": m_big,
+                      "ratio_big_to_small": m_big["peak_rss_mib"] / m_small["peak_rss_mib"],
+                      "pass_peak_ratio_big_to_small": m_big["pass_peak_rss_mib"] / m_small["pass_peak_rss_mib"]},
+                     indent=1))
     print(f"== TransformerLens run_with_cache vs normscope sinks, {small} tokens (fresh processes)")
     tl = _spawn("tl", small, args.threads)
     print(json.dumps({"normscope": m_small, "transformer_lens": tl,
                       "speed_ratio_normscope_to_tl": m_small["tok_s"] / tl["tok_s"],
-                      "rss_ratio_normscope_to_tl": m_small["peak_rss_mib"] / tl["peak_rss_mib"]}, indent=1))
+                      "rss_ratio_normscope_to_tl": m_small["peak_rss_mib"] / tl["peak_rss_mib"],
+                      "pass_growth_mib": {"normscope": m_small["pass_growth_mib"],
+                                          "transformer_lens": tl["pass_growth_mib"]}}, indent=1))
 
 
 if __name__ == "__main__":
