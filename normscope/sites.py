@@ -288,7 +288,8 @@ def _trace(model: nn.Module, paths: dict[nn.Module, str], seq: int = 4) -> dict[
         pattern = None  # attention returns (output, pattern [1, heads, seq, seq], ...)
         for o in outs[1:]:
             if isinstance(o, torch.Tensor) and o.dim() == 4 and tuple(o.shape[-2:]) == (seq, seq):
-                pattern = bool(torch.triu(o.detach().float(), diagonal=1).abs().max() < 1e-9)  # [1, h, q, k]
+                p = o.detach().float().nan_to_num()  # [1, h, q, k]; an overflowing probe must not look bidirectional
+                pattern = bool(torch.triu(p, diagonal=1).abs().max() < 1e-9)
         d_in = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
         events[paths[mod]] = _Event(next(counter), _fingerprint(x), _fingerprint(first), d_in, pattern)
 

@@ -478,3 +478,12 @@ def test_norm_site_dataclass_contract() -> None:
     assert set(d) >= {"name", "layer", "role", "kind", "centered", "eps", "gain_offset", "has_gain",
                       "has_bias", "path", "class", "dim"}
     assert d["name"] == "blocks.0.ln1" and d["class"] == "LlamaRMSNorm"
+
+
+def test_layout_stays_causal_when_the_probe_overflows() -> None:
+    """A model whose probe pass overflows (NaN attention) is still found causal, not taken for an encoder."""
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.fill_(float("nan"))  # NaN scores: every pattern entry is NaN
+    assert find_layout(model).is_causal
