@@ -337,6 +337,24 @@ def test_checkpoints_are_atomic_and_pruned_and_resume_refuses_mismatches(tmp_pat
         _train(tiny_llama, tmp_path / "empty", resume=True)
 
 
+def test_one_control_serves_every_removal_variant_but_not_other_training_settings(tmp_path):
+    """A control keeps every norm, so the removal-only settings (sites, schedule, distillation, momentum,
+    first-token divisor) do not enter its resume check; the data and optimizer settings do."""
+    run_dir = tmp_path / "control"
+    model, layout, sites = _setup(tiny_llama)
+    train(model, layout, sites, _sample().batches, TrainOptions(steps=8, lr=2e-3), run_dir, control=True)
+    other = TrainOptions(steps=8, lr=2e-3, distill_weight=1.0, momentum=0.5, first_token=False,
+                         schedule=ScheduleOptions(start=1, gap_ln2=1.0))
+    model, layout, sites = _setup(tiny_llama)
+    res = train(model, layout, sites, _sample().batches, other, run_dir, control=True, resume=True,
+                remove=[sites[0].name], teacher=copy.deepcopy(model))
+    assert len(res.history) == 8 and res.removal.n_removed() == 0
+    model, layout, sites = _setup(tiny_llama)
+    with pytest.raises(NormscopeError, match="lr"):
+        train(model, layout, sites, _sample().batches, TrainOptions(steps=8, lr=1e-3), run_dir, control=True,
+              resume=True)
+
+
 def test_skipped_nonfinite_steps_are_counted(tmp_path):
     model, layout, sites = _setup(tiny_llama)
     batches = _sample().batches
