@@ -511,6 +511,11 @@ def _summary(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions
         g = grown.iloc[0]
         out.append(f"The token whose loss grew most: {g['token']!r} after {g['context']!r} "
                    f"({g['loss_before']:.2f} -> {g['loss_after']:.2f} nats).")
+        at1 = int((grown["position"] == 1).sum()) if "position" in grown else 0
+        if at1 * 2 > len(grown):
+            out.append(f"{at1} of the {len(grown)} tokens whose loss grew most sit at position 1, predicted from "
+                       "position 0: the first token's residual norm is far from the one frozen divisor, so its "
+                       "predictions carry most of the damage.")
     if len(norm_df) and "LN-free_first_token" in norm_df:
         last = norm_df.iloc[-2] if len(norm_df) > 1 else norm_df.iloc[-1]
         out.append(
