@@ -350,6 +350,10 @@ def test_one_control_serves_every_removal_variant_but_not_other_training_setting
                 remove=[sites[0].name], teacher=copy.deepcopy(model))
     assert len(res.history) == 8 and res.removal.n_removed() == 0
     model, layout, sites = _setup(tiny_llama)
+    short = train(model, layout, sites, _sample().batches, TrainOptions(steps=3, lr=2e-3), tmp_path / "short",
+                  control=True)  # too few steps for any removal schedule: a control needs none
+    assert len(short.history) == 3
+    model, layout, sites = _setup(tiny_llama)
     with pytest.raises(NormscopeError, match="lr"):
         train(model, layout, sites, _sample().batches, TrainOptions(steps=8, lr=1e-3), run_dir, control=True,
               resume=True)

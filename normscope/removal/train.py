@@ -433,7 +433,9 @@ def train(
                       split_value=opts.split_value)
     split = {w.site_name: w.split_v for w in removal}
     chosen = [s for s in sites if remove is None or s.name in set(remove)]
-    schedule = build_schedule(chosen, opts.steps, opts.schedule, split=split, first_token=opts.first_token)
+    # a control removes nothing: it needs no schedule, and must not be refused for one it would never run
+    schedule = Schedule(opts.steps, []) if control else build_schedule(chosen, opts.steps, opts.schedule,
+                                                                        split=split, first_token=opts.first_token)
     aux_names = _aux_site_names(removal, opts.aux_sites)
     if opts.aux_form not in ("squared", "log"):
         raise NormscopeError(f"--aux-form must be squared or log, not '{opts.aux_form}'.")
