@@ -25,6 +25,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 from normscope.errors import NormscopeError
 
@@ -193,6 +194,18 @@ def prepare(
     with progress.status("tokenizing text"):
         sample = load_text(lm.tokenizer, opts, max_positions=lm.info.max_positions, is_causal=lm.info.is_causal)
     return lm, sample
+
+
+def headlines_table(result: Any, command: str, *, timings: bool = False) -> Table:
+    """The terminal summary most commands print: one row per headline number (and per timed step)."""
+    t = Table(title=f"{command}: {result.payload['model']}", show_header=True)
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    for key, v in result.headlines.items():
+        t.add_row(str(key), str(v))
+    for key, sec in (result.timings.items() if timings else ()):
+        t.add_row(f"time: {key}", f"{sec:.1f} s")
+    return t
 
 
 def finish(result: Any, slug: str, out: Path | None, *, quiet: bool, as_json: bool,

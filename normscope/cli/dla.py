@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from normscope.cli import app
 from normscope.cli.common import (
@@ -26,6 +25,7 @@ from normscope.cli.common import (
     TrustOpt,
     finish,
     guarded,
+    headlines_table,
     prepare,
 )
 from normscope.models import DEFAULT_MODEL
@@ -73,14 +73,4 @@ def dla(
                          seed=seed, bos=bos, progress=progress)
     result = analysis.run(lm, sample, analysis.DlaOptions(neurons=neurons, backend=backend, seed=seed),
                           progress=progress)
-    finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=_table(result))
-
-
-def _table(result: object) -> Table:
-    h = result.headlines  # type: ignore[attr-defined]
-    t = Table(title=f"dla: {result.payload['model']}", show_header=True)  # type: ignore[attr-defined]
-    t.add_column("measure")
-    t.add_column("value", justify="right")
-    for key, v in h.items():
-        t.add_row(str(key), str(v))
-    return t
+    finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=headlines_table(result, "dla"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from normscope.cli import app
 from normscope.cli.common import (
@@ -26,6 +25,7 @@ from normscope.cli.common import (
     TrustOpt,
     finish,
     guarded,
+    headlines_table,
     prepare,
 )
 from normscope.errors import NormscopeError
@@ -85,16 +85,5 @@ def hubness(
     opts = analysis.HubnessOptions(k=k, metrics=metrics, layers=analysis.parse_layers(layers, lm.info.n_layers),
                                    sites=not no_sites, top_hubs=top_hubs, memory_mb=memory_mb, block_size=block_size)
     result = analysis.run(lm, sample, opts, progress=progress)
-    finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=_table(result))
-
-
-def _table(result: object) -> Table:
-    h = result.headlines  # type: ignore[attr-defined]
-    t = Table(title=f"hubness: {result.payload['model']}", show_header=True)  # type: ignore[attr-defined]
-    t.add_column("measure")
-    t.add_column("value", justify="right")
-    for key, v in h.items():
-        t.add_row(str(key), str(v))
-    for key, v in result.timings.items():  # type: ignore[attr-defined]
-        t.add_row(f"time: {key}", f"{v:.1f} s")
-    return t
+    table = headlines_table(result, "hubness", timings=True)
+    finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=table)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from normscope.cli import app
 from normscope.cli.common import (
@@ -27,6 +26,7 @@ from normscope.cli.common import (
     TrustOpt,
     finish,
     guarded,
+    headlines_table,
     prepare,
 )
 from normscope.models import DEFAULT_MODEL
@@ -69,14 +69,4 @@ def sinks(
                          text=text, dataset=dataset, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
                          seed=seed, bos=bos, progress=progress, allow_pickle=allow_pickle)
     result = analysis.run(lm, sample, analysis.SinksOptions(eps=eps, ablate=ablate), progress=progress)
-    finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=_table(result))
-
-
-def _table(result: object) -> Table:
-    h = result.headlines  # type: ignore[attr-defined]
-    t = Table(title=f"sinks: {result.payload['model']}", show_header=True)  # type: ignore[attr-defined]
-    t.add_column("measure")
-    t.add_column("value", justify="right")
-    for k, v in h.items():
-        t.add_row(str(k), str(v))
-    return t
+    finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=headlines_table(result, "sinks"))
