@@ -48,8 +48,24 @@ class SuiteRun:
     error: str | None = None
 
 
-def run_analyses(lm: Any, sample: Any, names: list[str], progress: Any = None) -> list[SuiteRun]:
-    """Run each analysis on the same loaded model and text; a bad-input error skips that analysis only."""
+def depth_overrides(depth_layers: str | None) -> dict[str, dict[str, Any]]:
+    """``--depth-layers`` of report/compare as options of the depth analysis: ``none`` turns the skip-one-block
+    passes off, a spec such as ``0-9,20-29`` limits them (checked here, before any model loads)."""
+    if depth_layers is None:
+        return {}
+    if depth_layers.strip().lower() == "none":
+        return {"depth": {"skip": False}}
+    from normscope.depth import parse_layers
+
+    parse_layers(depth_layers, 1 << 30)  # syntax only; the block count is checked once the model is loaded
+    return {"depth": {"layers": depth_layers}}
+
+
+def run_analyses(lm: Any, sample: Any, names: list[str], progress: Any = None,
+                 options: dict[str, dict[str, Any]] | None = None) -> list[SuiteRun]:
+    """Run each analysis on the same loaded model and text; a bad-input error skips that analysis only.
+
+    ``options`` maps an analysis name to keyword arguments of its options dataclass (defaults otherwise)."""
     runs: list[SuiteRun] = []
     for name in names:
         module, opts_cls, _, causal_only = ANALYSES[name]
@@ -59,7 +75,7 @@ def run_analyses(lm: Any, sample: Any, names: list[str], progress: Any = None) -
         mod = importlib.import_module(module)
         t0 = time.perf_counter()
         try:
-            result = mod.run(lm, sample, getattr(mod, opts_cls)(), progress=progress)
+            result = mod.run(lm, sample, getattr(mod, opts_cls)(**(options or {}).get(name, {})), progress=progress)
         except NormscopeError as exc:
             runs.append(SuiteRun(name, None, None, str(exc)))
             continue

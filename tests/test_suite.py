@@ -111,3 +111,20 @@ def test_same_seed_gives_byte_identical_json(dirs, tmp_path) -> None:
         assert res.exit_code == 0, res.output
         outs.append((out / "sinks.json").read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_depth_layers_limits_the_skip_passes_of_report(dirs, tmp_path) -> None:
+    assert suite.depth_overrides(None) == {}
+    assert suite.depth_overrides("none") == {"depth": {"skip": False}}
+    assert suite.depth_overrides("0,2") == {"depth": {"layers": "0,2"}}
+    with pytest.raises(NormscopeError):
+        suite.depth_overrides("2-x")
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["report", str(dirs["llama3"]), "--only", "depth", "--depth-layers", "1",
+                              "--seq-len", "16", "--max-tokens", "128", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "depth.json").read_text())["skip_layers"] == [1]
+    res = runner.invoke(app, ["report", str(dirs["llama3"]), "--only", "depth", "--depth-layers", "0-x",
+                              "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert not (tmp_path / "bad").exists()  # refused before loading anything

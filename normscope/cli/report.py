@@ -33,18 +33,23 @@ from normscope.models import DEFAULT_MODEL
 
 OnlyOpt = Annotated[str | None, typer.Option("--only", help="Comma-separated subset: sinks,depth,grads,hubness,dla.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence, shared by every analysis.")]
+DepthLayersOpt = Annotated[str | None, typer.Option(
+    "--depth-layers", help="Blocks depth skips one at a time (one forward pass each), e.g. 0-9,20-29; 'none' for no "
+    "skip passes. Default: every block.")]
 
 
 @app.command(
     epilog="Examples:\n\n"
     "  normscope report                              # every analysis on the bundled SmolLM2-135M\n\n"
     "  normscope report minilm-l6 --only sinks,depth,grads\n\n"
-    "  normscope report gpt2 --text book.txt --max-tokens 4096",
+    "  normscope report gpt2 --text book.txt --max-tokens 4096\n\n"
+    "  normscope report --depth-layers 0,10,20,29    # 4 skip passes instead of 30",
 )
 @guarded
 def report(
     model: ModelArg = DEFAULT_MODEL,
     only: OnlyOpt = None,
+    depth_layers: DepthLayersOpt = None,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
     seq_len: SeqLenOpt = 64,
@@ -64,13 +69,14 @@ def report(
     from normscope import suite
 
     names = suite.parse_only(only)
+    options = suite.depth_overrides(depth_layers)
     progress = Progressor(quiet)
     t0 = time.perf_counter()
     lm, sample = prepare(model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                          text=text, dataset=dataset, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
                          seed=seed, bos=bos, progress=progress, allow_pickle=allow_pickle)
     load_s = time.perf_counter() - t0
-    runs = suite.run_analyses(lm, sample, names, progress=progress)
+    runs = suite.run_analyses(lm, sample, names, progress=progress, options=options)
     index = suite.write_suite(lm, sample, runs, default_out(lm.info.slug, out), load_seconds=load_s)
     for r in runs:
         if r.error:
@@ -90,6 +96,7 @@ def compare(
     model_a: Annotated[str, typer.Argument(help="First model (A).")],
     model_b: Annotated[str, typer.Argument(help="Second model (B).")],
     only: OnlyOpt = "sinks,depth",
+    depth_layers: DepthLayersOpt = None,
     text: TextOpt = None,
     seq_len: SeqLenOpt = 64,
     max_tokens: MaxTokensOpt = 2048,
@@ -108,13 +115,14 @@ def compare(
     from normscope.report import write_report
 
     names = suite.parse_only(only)
+    options = suite.depth_overrides(depth_layers)
     progress = Progressor(quiet)
     loaded = []
     for spec in (model_a, model_b):
         lm, sample = prepare(spec, revision=None, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                              text=text, dataset=None, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
                              seed=seed, bos=bos, progress=progress, allow_pickle=allow_pickle)
-        loaded.append((lm, sample, suite.run_analyses(lm, sample, names, progress=progress)))
+        loaded.append((lm, sample, suite.run_analyses(lm, sample, names, progress=progress, options=options)))
         del lm  # the next model loads while only this one's results are kept
     (lm_a, s_a, r_a), (lm_b, s_b, r_b) = loaded
     result = suite.compare(lm_a, s_a, r_a, lm_b, s_b, r_b)
