@@ -34,7 +34,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from normscope.analysis import LossMeter, build_meta, flag_nonfinite
+from normscope.analysis import LossMeter, build_meta, flag_nonfinite, nonfinite_warning
 from normscope.analysis import progress_task as _task
 from normscope.capture import BatchContext, Capture
 from normscope.errors import NormscopeError
@@ -779,6 +779,12 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
         timings=timings,
     )
     flag_nonfinite(result, base.extra.get("nonfinite", []))
+    lns_bad = lns.extra.get("nonfinite", []) if lns is not None else []
+    result.payload["nonfinite_lns"] = lns_bad  # the what-if's own overflow, not the model's
+    if lns_bad:
+        result.summary.append("LayerNorm Scaling what-if: " + nonfinite_warning(
+            lns_bad, "the scaled model overflows there, so its curves stop being meaningful from that point"
+        ).replace("; rerun with --dtype float32.", "."))
     return result
 
 

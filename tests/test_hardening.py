@@ -215,6 +215,9 @@ def test_overflow_is_named_by_hook_point_in_every_analysis(analysis: str, tmp_pa
         assert profile["skipped_batches"] == [0]
         assert all(math.isfinite(r["total"]) for r in profile["blocks"])
         assert "left out of the gradients" in result.summary[0]
+    if analysis == "depth":  # the LayerNorm Scaling pass overflows too, and is named apart from the model's pass
+        assert result.payload["nonfinite_lns"][0]["point"] == first
+        assert any(line.startswith("LayerNorm Scaling what-if: Warning: inf/NaN") for line in result.summary)
 
 
 def test_nonfinite_report_starts_where_the_overflow_began() -> None:
