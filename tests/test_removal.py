@@ -147,19 +147,15 @@ def test_ema_tracks_the_mean_divisor_of_ordinary_positions_and_position_zero_apa
     seen = {}
     site = next(s for s in sites if s.name == "blocks.1.ln2")
     rem[site.name].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
-    rem.set(tracking=True)
-    model(input_ids=_ids(4, 16, 1))
-    rem.set(tracking=False)
-    rem.commit()
+    with rem.tracking():
+        model(input_ids=_ids(4, 16, 1))
     d = norm_divisor(seen["x"], centered=False, eps=site.eps)[..., 0]  # [batch, pos]
     w = rem[site.name]
     assert w.ema == pytest.approx(float(d[:, 1:].double().mean()), rel=1e-6)
     assert w.ema_first == pytest.approx(float(d[:, 0].double().mean()), rel=1e-6)
     first_ema = w.ema
-    rem.set(tracking=True)
-    model(input_ids=_ids(4, 16, 2))
-    rem.set(tracking=False)
-    rem.commit()
+    with rem.tracking():
+        model(input_ids=_ids(4, 16, 2))
     d2 = norm_divisor(seen["x"], centered=False, eps=site.eps)[..., 0]
     assert w.ema == pytest.approx(0.9 * first_ema + 0.1 * float(d2[:, 1:].double().mean()), rel=1e-6)
 
@@ -682,11 +678,8 @@ def test_smollm2_first_token_divisor_is_far_above_the_shared_one(smol_copy):
     ids = torch.tensor([tok(TEXT)["input_ids"][:48]])  # [1, 48]
     rem = Removal(model, layout, sites)
     try:
-        rem.set(tracking=True)
-        with torch.no_grad():
+        with torch.no_grad(), rem.tracking():
             model(input_ids=ids)
-        rem.set(tracking=False)
-        rem.commit()
         ratios = {i: rem[f"blocks.{i}.ln1"].ema_first / rem[f"blocks.{i}.ln1"].ema for i in range(12, 21)}
         assert min(ratios.values()) > 50, ratios
         assert rem["blocks.0.ln1"].ema_first / rem["blocks.0.ln1"].ema < 5  # no massive activation yet
@@ -703,11 +696,8 @@ def test_smollm2_tracked_divisor_matches_transformer_lens_hook_scale(smol_copy):
     ids = torch.tensor([tok(TEXT)["input_ids"][:32]])
     rem = Removal(model, layout, sites)
     try:
-        rem.set(tracking=True)
-        with torch.no_grad():
+        with torch.no_grad(), rem.tracking():
             model(input_ids=ids)
-        rem.set(tracking=False)
-        rem.commit()
         ours = {i: (rem[f"blocks.{i}.ln1"].ema, rem[f"blocks.{i}.ln1"].ema_first) for i in (2, 15)}
     finally:
         rem.uninstall()
@@ -733,10 +723,8 @@ def test_smollm2_late_sites_frozen_without_training_cost_little_with_a_position_
     try:
         with torch.no_grad():
             base = float(next_token_ce(model(input_ids=ids).logits, ids))
-            rem.set(tracking=True)
-            model(input_ids=ids)
-            rem.set(tracking=False)
-            rem.commit()
+            with rem.tracking():
+                model(input_ids=ids)
             for s in chosen:
                 rem[s.name].freeze(1)
             own = float(next_token_ce(model(input_ids=ids).logits, ids))

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from torch import nn
 
 from normscope.errors import NormscopeError
 from normscope.removal.frozen import Removal
+from normscope.report import atomic_dir
 
 DEFAULT_EPS = 1e16
 MANIFEST = "normscope_removal.json"
@@ -116,9 +114,7 @@ def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Pa
     and the folded in-memory model."""
     plain = fold(model, removal, eps)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -135,16 +131,6 @@ def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Pa
                          "gain (an elementwise scale) after folding for exact linear attribution."),
                 "sites": sites, **manifest}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir, plain
 
 

@@ -31,6 +31,8 @@ Two extensions of the paper's replacement:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -383,6 +385,17 @@ class Removal:
             if aux_sites is not None:
                 w.aux = name in aux_sites
                 w.aux_term = None
+
+    @contextmanager
+    def tracking(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
+        """Track every site's divisor over the forward passes run in the block, then fold them into the EMAs
+        in one commit (``reduce``: e.g. an all-reduce of :meth:`pending` under DDP)."""
+        self.set(tracking=True, aux_sites=[])
+        try:
+            yield
+        finally:
+            self.set(tracking=False)
+        self.commit(reduce(self.pending()) if reduce is not None else None)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Mean of the auxiliary terms the aux sites computed in the last forward pass (then cleared)."""

@@ -180,10 +180,8 @@ def site_costs(model: nn.Module, layout: Any, sites: list[Any], batches: list[An
     rem = Removal(model, layout, sites, momentum=0.0, first_token=first_token, split_value=False)
     try:
         with torch.no_grad():
-            rem.set(tracking=True)
-            base = _mean_ce(model, batches, next_token_ce)
-            rem.set(tracking=False)
-            rem.commit()
+            with rem.tracking():
+                base = _mean_ce(model, batches, next_token_ce)
             rows = []
             with progress.task("per-site cost", len(sites)) as adv:
                 for s in sites:

@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from torch import nn
 from normscope.errors import NormscopeError
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import Schedule, ScheduleOptions, build_schedule
+from normscope.report import atomic_dir
 
 CHECKPOINT_PREFIX = "ckpt-"
 STATE_FILE = "state.json"
@@ -285,26 +285,14 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: Any, 
     """
     from safetensors.torch import save_model
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=run_dir))
-    try:
+    with atomic_dir(target) as tmp:  # the same step may be saved again (a resumed run that stops at once)
         save_model(model, str(tmp / WEIGHTS_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / TRAINER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=True))
         _fsync_tree(tmp)
-        if target.exists():  # the same step saved again (a resumed run that stops at once)
-            old = run_dir / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -611,17 +599,14 @@ def _append_log(run_dir: Path, log: StepLog) -> None:
 def _calibrate(model: nn.Module, removal: Removal, batches: list[Any], cursor: DataCursor, per_step: int,
                rank: int, world: int, device: torch.device) -> None:
     """Initialise every site's EMA from step 0's micro-batches (no gradient), so a site may go at step 1."""
-    removal.set(tracking=True, aux_sites=[])
     was = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), removal.tracking(_all_reduce if world > 1 else None):
         for j in range(per_step):
             if j % world != rank:
                 continue
             b = batches[cursor.index(j)]
             model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
-    removal.set(tracking=False)
-    removal.commit(_all_reduce(removal.pending()) if world > 1 else None)
     model.train(was)
 
 
