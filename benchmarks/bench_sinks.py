@@ -104,34 +104,20 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(kind: str, n_tokens: int) -> None:
-    """Run in a fresh process; print one JSON line with tokens/s, peak RSS over the whole process, and the
-    peak during the measured pass above the resident memory just before it."""
+def _tl_pass(lm, sample):
+    """Boot TransformerLens' bridge on the loaded model; return the pass computing the same statistics
+    (alpha_1 per head, top-1 and median |h| per layer) from ``run_with_cache``."""
     import torch
+    from transformer_lens.model_bridge import TransformerBridge
 
-    from normscope.models import load_model
+    bridge = TransformerBridge.boot_transformers("smollm2-135m", hf_model=lm.model, tokenizer=lm.tokenizer,
+                                                 device="cpu")
+    n_layers = lm.info.n_layers
 
-    lm = load_model("smollm2-135m", device="cpu")
-    sample = _sample(lm, n_tokens)
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    sampler = RssSampler().__enter__()
-    t0 = time.perf_counter()
-    if kind == "sinks":
-        from normscope import sinks
-
-        sinks.run(lm, sample)
-    elif kind == "tl":
-        from transformer_lens.model_bridge import TransformerBridge
-
-        bridge = TransformerBridge.boot_transformers("smollm2-135m", hf_model=lm.model, tokenizer=lm.tokenizer,
-                                                     device="cpu")
-        n_layers = lm.info.n_layers
+    def run() -> None:
         alpha_sum = torch.zeros(n_layers, lm.info.n_heads, dtype=torch.float64)
         top1 = torch.zeros(n_layers, dtype=torch.float64)
         med = torch.zeros(n_layers, dtype=torch.float64)
-        n = 0
-        sampler.start = sampler.peak = _rss_mib()  # the pass only, not the bridge's boot
-        t0 = time.perf_counter()
         with torch.no_grad():
             for b in sample.iter_batches():
                 _, cache = bridge.run_with_cache(b.input_ids)
@@ -140,13 +126,28 @@ def child(kind: str, n_tokens: int) -> None:
                 for layer in range(n_layers):
                     pat = cache[f"blocks.{layer}.attn.hook_pattern"]  # [batch, head, q, k]
                     alpha_sum[layer] += (pat.float().sum(2) / nq)[:, :, 0].double().sum(0)
-                    h = cache[f"blocks.{layer}.hook_resid_post"].float().abs().flatten(1)
+                    h = cache[f"blocks.{layer}.hook_resid_post"].float().abs().flatten(1)  # [batch, pos*d]
                     top1[layer] += h.max(1).values.double().sum()
                     med[layer] += h.median(1).values.double().sum()
-                n += b.input_ids.shape[0]
                 del cache
-    seconds = time.perf_counter() - t0
-    sampler.__exit__()
+
+    return run
+
+
+def child(kind: str, n_tokens: int) -> None:
+    """Run in a fresh process; print one JSON line with tokens/s, peak RSS over the whole process, and the
+    peak during the measured pass above the resident memory just before it (the bridge's boot excluded)."""
+    from normscope import sinks
+    from normscope.models import load_model
+
+    lm = load_model("smollm2-135m", device="cpu")
+    sample = _sample(lm, n_tokens)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    measured = (lambda: sinks.run(lm, sample)) if kind == "sinks" else _tl_pass(lm, sample)
+    with RssSampler() as sampler:
+        t0 = time.perf_counter()
+        measured()
+        seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"kind": kind, "tokens": sample.n_tokens, "tok_s": sample.n_tokens / seconds,
                       "peak_rss_mib": rss, "rss_after_load_mib": rss_loaded,

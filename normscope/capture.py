@@ -135,8 +135,7 @@ class Capture:
     def nonfinite_report(self) -> list[dict[str, Any]]:
         """Hook points where inf or NaN appeared (fp16/bf16 overflow), named by site and layer, in the order the
         forward pass reached them (the first row is where the overflow began)."""
-        rows = sorted(self.nonfinite.values(), key=lambda r: (r["first_batch"], r["_seen"]))
-        return [{k: v for k, v in r.items() if k != "_seen"} for r in rows]
+        return sorted(self.nonfinite.values(), key=lambda r: r["first_batch"])  # stable: first-seen order
 
     def clear(self) -> None:
         self._reducers.clear()
@@ -153,8 +152,7 @@ class Capture:
         if reducers and x.is_floating_point() and not math.isfinite(float(x.detach().sum(dtype=torch.float32))):
             bad = int((~torch.isfinite(x)).sum())  # one cheap sum first; the exact count only when it is off
             if bad:
-                seen = self.nonfinite.setdefault(point, {"point": point, "first_batch": self.ctx.index, "values": 0,
-                                                         "_seen": len(self.nonfinite)})  # forward order
+                seen = self.nonfinite.setdefault(point, {"point": point, "first_batch": self.ctx.index, "values": 0})
                 seen["values"] += bad
         for r in reducers:
             r.update(x.detach(), self.ctx)
