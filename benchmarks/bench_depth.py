@@ -32,7 +32,7 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
 def _sample(lm, n_tokens: int, seq_len: int = 128, batch_size: int = 4):
-    from normscope.text import TextOptions, load_text
+    from normscope.core.text import TextOptions, load_text
 
     book = CORPUS / "sherlock_holmes.txt"
     paths = [book] if book.exists() else None  # the built-in prompts otherwise
@@ -43,7 +43,7 @@ def _sample(lm, n_tokens: int, seq_len: int = 128, batch_size: int = 4):
 def _load():
     import transformers
 
-    from normscope.models import load_model
+    from normscope.core.models import load_model
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -63,7 +63,7 @@ def _plain_forward(lm, batches) -> float:
 def _plain_backward(lm, batches) -> float:
     import torch
 
-    from normscope.analysis import token_losses
+    from normscope.core.losses import token_losses
 
     params = list(lm.model.parameters())
     for p in params:
@@ -82,7 +82,7 @@ def _plain_backward(lm, batches) -> float:
 
 def passes(lm, sample) -> dict:
     """Forward calls of the model per configuration of depth.run, and backward calls of grads.measure."""
-    from normscope import depth, grads
+    from normscope.analyses import depth, grads
 
     calls = {"forward": 0, "probe": 0}
 
@@ -123,8 +123,8 @@ def passes(lm, sample) -> dict:
 
 
 def speed(lm, sample, rounds: int) -> dict:
-    from normscope import depth, grads
-    from normscope.sites import find_layout, find_norm_sites
+    from normscope.analyses import depth, grads
+    from normscope.core.sites import find_layout, find_norm_sites
 
     layout = find_layout(lm.model)
     sites = find_norm_sites(lm.model, layout)
@@ -169,7 +169,7 @@ def child(kind: str, n_tokens: int) -> None:
     Loading the model has its own, higher peak, so the kernel's high-water mark is reset after loading
     (``/proc/self/clear_refs`` = 5, Linux) and ``VmHWM`` read after the run.
     """
-    from normscope import depth, grads
+    from normscope.analyses import depth, grads
 
     lm = _load()
     sample = _sample(lm, n_tokens)

@@ -31,7 +31,7 @@ CORPUS = ROOT.parent / "shared" / "corpus"
 _CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
-from normscope.hubness import k_occurrence, knn_indices
+from normscope.analyses.hubness import k_occurrence, knn_indices
 torch.set_num_threads({threads})
 n, d, k, method = {n}, 576, 10, {method!r}
 gen = torch.Generator().manual_seed(0)
@@ -88,9 +88,9 @@ def bench_knn(sizes: list[int], threads: int) -> list[dict]:
 def bench_command(n_tokens: int) -> dict:
     import torch
 
-    from normscope import hubness
-    from normscope.models import load_model
-    from normscope.text import TextOptions, load_text
+    from normscope.analyses import hubness
+    from normscope.core.models import load_model
+    from normscope.core.text import TextOptions, load_text
 
     lm = load_model("smollm2-135m", device="cpu")
     book = CORPUS / "sherlock_holmes.txt"

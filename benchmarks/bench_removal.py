@@ -46,7 +46,7 @@ def load(model_name: str):
         m = tiny_llama(n_layers=4)
         vocab = m.config.vocab_size
     else:
-        from normscope.models import load_model
+        from normscope.core.models import load_model
 
         m = load_model(model_name, device="cpu").model
         vocab = m.config.vocab_size
@@ -57,9 +57,9 @@ class Bench:
     """One model, an optimizer and the wrappers, switched between configurations in place (no copies)."""
 
     def __init__(self, model, ids: torch.Tensor) -> None:
+        from normscope.core.sites import find_layout, find_norm_sites
         from normscope.removal.frozen import Removal
         from normscope.removal.train import param_groups
-        from normscope.sites import find_layout, find_norm_sites
 
         self.model, self.ids = model, ids
         self.layout = find_layout(model)

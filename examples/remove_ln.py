@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from normscope.models import load_model
+from normscope.core.models import load_model
+from normscope.core.text import TextOptions, load_text
 from normscope.removal import RemoveLnOptions, TrainOptions, run, self_generated_sample
 from normscope.report import write_report
-from normscope.text import TextOptions, load_text
 
 
 def main() -> None:

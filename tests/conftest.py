@@ -17,7 +17,7 @@ def smollm2():
     """
     import transformers
 
-    from normscope.models import load_model
+    from normscope.core.models import load_model
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -27,6 +27,6 @@ def smollm2():
 @pytest.fixture(scope="session")
 def minilm():
     """The bundled all-MiniLM-L6-v2 (BERT post-LN encoder)."""
-    from normscope.models import load_model
+    from normscope.core.models import load_model
 
     return load_model("minilm-l6", device="cpu")

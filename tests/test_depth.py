@@ -15,13 +15,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from normscope import depth
-from normscope.analysis import token_losses
-from normscope.capture import BatchContext, Capture
-from normscope.errors import NormscopeError
-from normscope.models import LoadedModel
-from normscope.sites import find_layout, find_norm_sites
-from normscope.text import TokenBatch, sample_from_ids
+from normscope.analyses import depth
+from normscope.core.capture import BatchContext, Capture
+from normscope.core.errors import NormscopeError
+from normscope.core.losses import token_losses
+from normscope.core.models import LoadedModel
+from normscope.core.sites import find_layout, find_norm_sites
+from normscope.core.text import TokenBatch, sample_from_ids
 from tests.tiny import save_tiny, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 runner = CliRunner()
@@ -118,18 +118,6 @@ def test_best_windows_picks_the_smallest_distance() -> None:
     assert (w.loc[1, "start"], w.loc[1, "end"], w.loc[1, "distance"]) == (1, 1, 0.01)
     assert (w.loc[2, "start"], w.loc[2, "end"]) == (2, 3)
     assert len(w) == 5
-
-
-def test_parse_layers() -> None:
-    assert depth.parse_layers("0-3, 7,9-9", 10) == [0, 1, 2, 3, 7, 9]
-    assert depth.parse_layers(None, 10) is None and depth.parse_layers("  ", 10) is None
-    for bad in ("a-b", "1-", "3,,4", "-2", "1.5"):
-        with pytest.raises(NormscopeError, match="malformed"):
-            depth.parse_layers(bad, 10)
-    with pytest.raises(NormscopeError, match="blocks 0-9"):
-        depth.parse_layers("5-10", 10)
-    with pytest.raises(NormscopeError, match="backwards"):
-        depth.parse_layers("5-2", 10)
 
 
 def test_quotable_line() -> None:
@@ -292,7 +280,7 @@ def _loss(model: nn.Module, sample) -> float:
 def test_skipping_a_block_equals_a_model_without_it(factory) -> None:
     model = factory(n_layers=4)
     sample = _sample(n=4, batch_size=2)
-    r = depth.run(_lm(model), sample, depth.DepthOptions(skip=True, layers="1,3", window=2, lns=False))
+    r = depth.run(_lm(model), sample, depth.DepthOptions(skip=True, skip_layers="1,3", window=2, lns=False))
     blocks = r.tables["blocks"].set_index("block")
     for i in (1, 3):
         assert blocks.loc[i, "skip_loss"] == pytest.approx(_loss(_removed(model, [i]), sample), rel=1e-5)
@@ -334,16 +322,6 @@ def test_lns_what_if_equals_scaled_norm_gains() -> None:
     assert "not trained" in " ".join(r.summary).lower()
 
 
-def test_controls_are_left_out_by_default() -> None:
-    rows = torch.randint(4, 100, (4, 8)).tolist()
-    s = sample_from_ids(rows, ["prose", "random", "repeated", "code"], batch_size=2)
-    kept = depth.text_batches(s, include_controls=False)
-    assert [c for b in kept for c in b.categories] == ["prose", "code"]
-    assert sum(len(b) for b in depth.text_batches(s, include_controls=True)) == 4
-    with pytest.raises(NormscopeError):
-        depth.text_batches(sample_from_ids(rows[:1], ["random"]), include_controls=False)
-
-
 def test_reducers_keep_nothing_across_batches() -> None:
     acc = depth.AngularAccumulator(2)
     ctx = BatchContext(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), ["a", "b"], 0)
@@ -357,7 +335,7 @@ def test_reducers_keep_nothing_across_batches() -> None:
 def test_run_rejects_causal_options_on_an_encoder() -> None:
     lm = _lm(tiny_bert(n_layers=2), causal=False)
     for opts, word in ((depth.DepthOptions(skip=True), "--skip"), (depth.DepthOptions(window=1), "--window"),
-                       (depth.DepthOptions(lns=True), "--lns"), (depth.DepthOptions(layers="0"), "--layers")):
+                       (depth.DepthOptions(lns=True), "--lns"), (depth.DepthOptions(skip_layers="0"), "--skip-layers")):
         with pytest.raises(NormscopeError, match=word):
             depth.run(lm, _sample(n=2), opts)
 
@@ -365,11 +343,11 @@ def test_run_rejects_causal_options_on_an_encoder() -> None:
 # ---- the bundled SmolLM2 -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_norm_growth_is_real(smollm2) -> None:
-    from normscope.text import TextOptions, load_text
+    from normscope.core.text import TextOptions, load_text
 
     sample = load_text(smollm2.tokenizer, TextOptions(seq_len=64, max_tokens=256, batch_size=4, controls=False),
                        max_positions=smollm2.info.max_positions)
-    r = depth.run(smollm2, sample, depth.DepthOptions(skip=True, layers=[0, 15], window=0, lns=True))
+    r = depth.run(smollm2, sample, depth.DepthOptions(skip=True, skip_layers="0,15", window=0, lns=True))
     layers = r.tables["layers"]
     assert 2.3 < layers["norm_rest"].iloc[0] < 3.2  # ~2.7 at the embeddings
     assert layers["norm_rest"].iloc[-2] > 300  # several hundred before the last block
@@ -418,7 +396,7 @@ def tiny_folders(tmp_path_factory):
 
 
 def test_cli_runs_and_writes_the_report(tiny_folders, tmp_path) -> None:
-    res = _cli(str(tiny_folders["llama"]), "--seq-len", "32", "--max-tokens", "256", "--layers", "0-1", "--window",
+    res = _cli(str(tiny_folders["llama"]), "--seq-len", "32", "--max-tokens", "256", "--skip-layers", "0-1", "--window",
                "1", "--out", str(tmp_path), "--quiet")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "depth.html").exists() and (tmp_path / "depth.json").exists()
@@ -427,23 +405,23 @@ def test_cli_runs_and_writes_the_report(tiny_folders, tmp_path) -> None:
     assert "Angular distance" in html and "not trained" in html.lower()
     res = _cli("--help")
     flat = re.sub(r"[\u2502\s]+", " ", res.output)  # unwrap rich's help panel
-    assert "one extra forward pass per block per batch" in flat
+    assert "one more forward pass per skipped block per batch" in flat
 
 
 def test_cli_bad_layers_fail_fast() -> None:
-    _assert_bad_input(_cli("smollm2-135m", "--layers", "0-x"), "malformed")
-    _assert_bad_input(_cli("smollm2-135m", "--layers", "3", "--no-skip"), "--no-skip")
+    _assert_bad_input(_cli("smollm2-135m", "--skip-layers", "0-x"), "malformed")
+    _assert_bad_input(_cli("smollm2-135m", "--skip-layers", "3", "--no-skip"), "--no-skip")
 
 
 def test_cli_layers_out_of_range(tiny_folders) -> None:
-    _assert_bad_input(_cli(str(tiny_folders["llama"]), "--seq-len", "16", "--max-tokens", "64", "--layers", "0-3"),
+    _assert_bad_input(_cli(str(tiny_folders["llama"]), "--seq-len", "16", "--max-tokens", "64", "--skip-layers", "0-3"),
                       "blocks 0-2")
 
 
 def test_cli_encoder_with_causal_only_options(tiny_folders, tmp_path) -> None:
     res = _cli(str(tiny_folders["bert"]), "--seq-len", "16", "--max-tokens", "64", "--out", str(tmp_path), "-q")
     assert res.exit_code == 0, res.output  # an encoder runs: norms, updates and angles, no loss
-    for extra in (["--skip"], ["--layers", "0"], ["--window", "1"]):
+    for extra in (["--skip"], ["--skip-layers", "0"], ["--window", "1"]):
         _assert_bad_input(_cli(str(tiny_folders["bert"]), "--seq-len", "16", "--max-tokens", "64", *extra),
                           "causal LM")
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from normscope import dla
-from normscope.errors import NormscopeError
-from normscope.models import LoadedModel, ModelInfo
-from normscope.sites import norm_divisor
-from normscope.text import TextOptions, load_text
+from normscope.analyses import dla
+from normscope.core.errors import NormscopeError
+from normscope.core.models import LoadedModel, ModelInfo
+from normscope.core.sites import norm_divisor
+from normscope.core.text import TextOptions, load_text
 from tests.tiny import save_tiny, tiny_bert, tiny_gemma2, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 

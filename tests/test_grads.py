@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from normscope import grads
-from normscope.errors import NormscopeError
-from normscope.models import LoadedModel
-from normscope.sites import find_layout, find_norm_sites
-from normscope.text import sample_from_ids
+from normscope.analyses import grads
+from normscope.core.errors import NormscopeError
+from normscope.core.models import LoadedModel
+from normscope.core.sites import find_layout, find_norm_sites
+from normscope.core.text import sample_from_ids
 from tests.tiny import save_tiny, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 runner = CliRunner()
@@ -259,7 +259,7 @@ def test_compare_puts_both_models_on_one_page(tmp_path) -> None:
 # ---- the bundled models ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_pre_ln_smollm2_vs_post_ln_minilm(smollm2, minilm) -> None:
-    from normscope.text import TextOptions, load_text
+    from normscope.core.text import TextOptions, load_text
 
     opts = TextOptions(seq_len=64, max_tokens=256, batch_size=4, controls=False)
     s_a = load_text(smollm2.tokenizer, opts, max_positions=smollm2.info.max_positions)

@@ -19,13 +19,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from normscope import depth, dla, grads
-from normscope import hubness as hb
+from normscope.analyses import depth, dla, grads
+from normscope.analyses import hubness as hb
 from normscope.cli import app
-from normscope.errors import NormscopeError
-from normscope.models import LoadedModel, ModelInfo, check_memory, estimate_batch_bytes, slugify
+from normscope.core.errors import NormscopeError
+from normscope.core.models import LoadedModel, ModelInfo, check_memory, estimate_batch_bytes, slugify
+from normscope.core.text import TextOptions, load_text
 from normscope.report import Result, write_report
-from normscope.text import TextOptions, load_text
 from tests.tiny import save_tiny, tiny_llama, tiny_tokenizer
 
 runner = CliRunner()
@@ -87,7 +87,7 @@ def test_two_gigabyte_file_is_streamed_not_read(tmp_path) -> None:
 
 
 def test_memory_estimate_refuses_what_cannot_fit(llama_dir) -> None:
-    from normscope.models import load_model
+    from normscope.core.models import load_model
 
     lm = load_model(str(llama_dir), device="cpu")
     check_memory(lm, 8, 64)  # a tiny model fits
@@ -223,9 +223,9 @@ def test_overflow_is_named_by_hook_point_in_every_analysis(analysis: str, tmp_pa
 def test_nonfinite_report_starts_where_the_overflow_began() -> None:
     """An inf written by block 1's MLP is reported first there, then where it spreads (block 1's output, block
     2's attention norm), in the order the forward pass reached them, not in the order of ``points()``."""
-    from normscope.capture import Capture
-    from normscope.sites import find_layout, find_norm_sites
-    from normscope.text import sample_from_ids
+    from normscope.core.capture import Capture
+    from normscope.core.sites import find_layout, find_norm_sites
+    from normscope.core.text import sample_from_ids
 
     class Keep:
         def update(self, x: torch.Tensor, ctx: object) -> None:  # x: [batch, pos, d_model]

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from normscope import hubness as hb
-from normscope.errors import NormscopeError
-from normscope.models import LoadedModel, ModelInfo
-from normscope.text import TextOptions, load_text
+from normscope.analyses import hubness as hb
+from normscope.core.errors import NormscopeError
+from normscope.core.models import LoadedModel, ModelInfo
+from normscope.core.text import TextOptions, load_text
 from tests.tiny import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
 

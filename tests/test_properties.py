@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from normscope import depth, dla, hubness, sinks
-from normscope.sites import norm_divisor
+from normscope.analyses import depth, dla, hubness, sinks
+from normscope.core.sites import norm_divisor
 
 SETTINGS = settings(max_examples=40, deadline=None)
 finite = st.floats(-50, 50, allow_nan=False, allow_infinity=False, width=32)

@@ -21,7 +21,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
+from normscope.core.sites import find_layout, find_norm_sites, norm_divisor
+from normscope.core.text import sample_from_ids
 from normscope.removal import evaluate as ev
 from normscope.removal.export import DEFAULT_EPS, export_model, fold, folded_gain
 from normscope.removal.frozen import Removal, aux_spread, blended_first_divisor, divisor_stats, ema_update
@@ -39,8 +41,6 @@ from normscope.removal.train import (
     next_token_kl,
     train,
 )
-from normscope.sites import find_layout, find_norm_sites, norm_divisor
-from normscope.text import sample_from_ids
 from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen3, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -481,8 +481,8 @@ def test_exported_model_loads_in_transformer_bridge(tmp_path):
 def test_exported_model_runs_through_dla_with_zero_error_and_through_sinks_and_depth(tmp_path):
     """The interpretability payoff: with every norm a fixed scale, DLA equals the direct effect (NMAE ~0),
     while the original model's live final norm makes them differ."""
-    from normscope import dla, sinks
-    from normscope.models import load_model
+    from normscope.analyses import dla, sinks
+    from normscope.core.models import load_model
     from tests.tiny import save_tiny
 
     res, model = _train(tiny_llama, tmp_path / "run", steps=10, save_every=0)
@@ -536,7 +536,7 @@ def test_per_token_losses_match_the_model_loss():
 
 # ---- the whole command --------------------------------------------------------------------------------------
 def test_run_end_to_end_with_control_distill_and_report(tmp_path):
-    from normscope.models import load_model
+    from normscope.core.models import load_model
     from normscope.report import write_report
     from tests.tiny import save_tiny
 

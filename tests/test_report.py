@@ -426,7 +426,7 @@ def test_settings_fallbacks_and_visible_whitespace() -> None:
 
 
 def test_make_meta_takes_model_info_and_records_versions() -> None:
-    from normscope.models import ModelInfo
+    from normscope.core.models import ModelInfo
 
     info = ModelInfo(
         "smollm2-135m",
@@ -536,7 +536,7 @@ def test_report_of_real_smollm2_massive_activation(tmp_path: Path, request: pyte
     try:  # the shared session fixture, when tests/conftest.py provides one
         lm = request.getfixturevalue("smollm2")
     except pytest.FixtureLookupError:
-        from normscope.models import load_model
+        from normscope.core.models import load_model
 
         lm = load_model("smollm2-135m")
     ids = lm.tokenizer(

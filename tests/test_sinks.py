@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from normscope import sinks
-from normscope.models import LoadedModel, ModelInfo
-from normscope.text import TextOptions, load_text, sample_from_ids
+from normscope.analyses import sinks
+from normscope.core.models import LoadedModel, ModelInfo
+from normscope.core.text import TextOptions, load_text, sample_from_ids
 from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 
@@ -86,7 +86,7 @@ def test_top3_entries_match_flat_topk() -> None:
 
 @pytest.mark.parametrize("centered", [False, True])
 def test_site_outliers_is_one_pass_of_the_separate_metrics(centered: bool) -> None:
-    from normscope.sites import norm_divisor
+    from normscope.core.sites import norm_divisor
 
     x = torch.randn(2, 5, 32) * 3
     x[1, 0, 7] = 900.0
@@ -172,7 +172,7 @@ def test_encoder_alpha_over_all_queries() -> None:
 
 
 def test_ablate_refuses_encoders() -> None:
-    from normscope.errors import NormscopeError
+    from normscope.core.errors import NormscopeError
 
     lm = _tiny_lm(tiny_bert(), causal=False)
     with pytest.raises(NormscopeError, match="causal"):

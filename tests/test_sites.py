@@ -1,4 +1,4 @@
-"""Norm-site and block-layout discovery (normscope.sites) on 7 tiny architectures and the bundled models."""
+"""Norm-site and block-layout discovery (normscope.core.sites) on 7 tiny architectures and the bundled models."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from tiny import (
 )
 from torch import nn
 
-from normscope.errors import NormscopeError
-from normscope.sites import (
+from normscope.core.errors import NormscopeError
+from normscope.core.sites import (
     NormSite,
     find_layout,
     find_norm_sites,
@@ -349,7 +349,7 @@ def test_format_sites_table() -> None:
 def test_tiny_tokenizer_and_saved_models_load_offline(tmp_path) -> None:
     from transformers import AutoTokenizer
 
-    from normscope.models import load_model
+    from normscope.core.models import load_model
 
     text = "The cat sat on the mat, twice."
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir(tmp_path))

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from normscope import suite
+from normscope.analyses import suite
 from normscope.cli import app
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
 from normscope.report import Result
 from tests.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 
@@ -65,7 +65,7 @@ def test_report_runs_several_analyses_with_one_load(dirs, tmp_path) -> None:
 
 
 def test_suite_skips_dla_for_encoders_with_a_reason() -> None:
-    from normscope.text import sample_from_ids
+    from normscope.core.text import sample_from_ids
     from tests.test_sinks import _rows, _tiny_lm
     from tests.tiny import tiny_bert
 

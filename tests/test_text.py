@@ -1,4 +1,4 @@
-"""Tests for normscope.text (files / dataset / built-in prompts -> fixed-length token batches) and prompts."""
+"""Tests for normscope.core.text (files / dataset / built-in prompts -> fixed-length token batches) and prompts."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from scipy import stats as sstats
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from normscope import prompts, text
-from normscope.errors import NormscopeError
-from normscope.text import TextOptions, load_text
+from normscope.core import prompts, text
+from normscope.core.errors import NormscopeError
+from normscope.core.text import TextOptions, load_text
 
 N_WORDS = 100  # tiny word-level vocabulary: w0 ... w99
 SPECIALS = ["[UNK]", "<s>", "</s>", "[CLS]", "[SEP]"]

@@ -13,7 +13,7 @@ Usage (``from tiny import ...`` works too: pytest puts ``tests/`` on ``sys.path`
     from tests.tiny import tiny_llama, tiny_tokenizer, save_tiny
     model = tiny_llama()                      # LlamaForCausalLM, 2 layers, d=64
     folder = save_tiny(model, tiny_tokenizer(), tmp_path / "llama")
-    lm = load_model(str(folder))              # normscope.models.load_model reads it offline
+    lm = load_model(str(folder))              # normscope.core.models.load_model reads it offline
 
 ``ARCHITECTURES`` maps a short name to each factory, for parametrised tests.
 """

@@ -1,4 +1,5 @@
-"""The ``normscope`` command line: one thin command per analysis (the math lives in the analysis modules)."""
+"""The ``normscope`` command line: one generated command per registered analysis, plus ``report``, ``compare``,
+``sites`` and ``remove-ln`` (the math lives in the analysis packages)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,6 @@ def main(
     """normscope: hook every normalization site of a Hugging Face model and measure what the literature measures."""
 
 
-from normscope.cli import depth as _depth  # noqa: E402,F401
-from normscope.cli import dla as _dla  # noqa: E402,F401
-from normscope.cli import grads as _grads  # noqa: E402,F401
-from normscope.cli import hubness as _hubness  # noqa: E402,F401
+from normscope.cli import commands as _commands  # noqa: E402,F401  (registers the analysis commands, report, compare)
 from normscope.cli import remove_ln as _remove_ln  # noqa: E402,F401
-from normscope.cli import report as _report  # noqa: E402,F401
-from normscope.cli import sinks as _sinks  # noqa: E402,F401  (registers commands)
 from normscope.cli import sites as _sites  # noqa: E402,F401

@@ -1,7 +1,7 @@
-"""Shared CLI plumbing: option types, error handling, progress bars and the load -> run -> report flow.
+"""Shared CLI plumbing: error handling, progress bars and the check -> load -> run -> write flow.
 
-Every command is a thin function: parse options, call :func:`prepare`, call the analysis' ``run``, call
-:func:`finish`. No math lives here.
+Every command is generated (see :mod:`normscope.cli.app`): it checks its options and output folder, calls
+:func:`prepare`, runs the analysis and calls :func:`finish`. No math lives here.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
+from normscope.core.options import MEANINGFUL_SEQ_LEN
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -132,11 +133,6 @@ class _Null:
         return None
 
 
-def default_out(slug: str, out: Path | None) -> Path:
-    """reports/<slug>/ unless --out is given."""
-    return out if out is not None else Path("reports") / slug
-
-
 def version_callback(value: bool) -> None:
     if value:
         from normscope import __version__
@@ -153,76 +149,101 @@ def is_tty() -> bool:
     return sys.stderr.isatty()
 
 
-# ---- the load -> run -> report flow -----------------------------------------------------------------------
-def prepare(
-    model: str,
-    *,
-    revision: str | None,
-    dtype: str,
-    device: str,
-    trust_remote_code: bool,
-    text: list[Path] | None,
-    dataset: str | None,
-    seq_len: int,
-    max_tokens: int,
-    batch_size: int,
-    seed: int,
-    bos: str,
-    progress: Progressor,
-    for_training: bool = False,
-    allow_pickle: bool = False,
-) -> tuple[Any, Any]:
+# ---- the check -> load -> run -> write flow -----------------------------------------------------------------
+def check_inputs(model_opts: Any, text_opts: Any, *more: Any) -> None:
+    """Every option checked before anything loads: the groups' choices and ranges, and text that exists."""
+    from normscope.core.options import validate
+
+    for o in (model_opts, text_opts, *more):
+        validate(o)
+    for p in text_opts.paths or ():
+        if not Path(p).exists():
+            raise NormscopeError(f"--text {p} does not exist; give a .txt/.jsonl file or a folder of them.")
+    if text_opts.seq_len < MEANINGFUL_SEQ_LEN and not quiet_warnings():
+        eprint(f"warning: --seq-len {text_opts.seq_len} leaves almost no context: sink rates, angles and losses "
+               f"at so few positions say little (Gu et al. measure sinks at T = 64).")
+
+
+def quiet_warnings() -> bool:
+    return bool(os.environ.get("NORMSCOPE_NO_WARNINGS"))
+
+
+def output_dir(slug: str, out: Path | None) -> Path:
+    """reports/<slug>/ unless --out is given."""
+    return out if out is not None else Path("reports") / slug
+
+
+def check_output(folder: Path, stems: list[str], force: bool) -> None:
+    """Refuse, before any model loads, an --out that is a file or cannot be written, and a folder that already
+    holds this command's pages (unless --force): a run never silently replaces an earlier one."""
+    if folder.exists() and not folder.is_dir():
+        raise NormscopeError(f"--out {folder} is a file; give a folder (it is created if missing).")
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise NormscopeError(f"Cannot write to {folder} ({parent} is not writable); choose another --out.")
+    taken = [f"{s}.json" for s in stems if (folder / f"{s}.json").exists()]
+    if taken and not force:
+        raise NormscopeError(f"{folder / taken[0]} is from an earlier run; pass --force to replace it, or --out "
+                             "to write elsewhere.")
+
+
+def prepare(model_opts: Any, text_opts: Any, progress: Progressor, *, for_training: bool = False) -> tuple[Any, Any]:
     """Load the model and the text sample, with a spinner; every failure is a one-line NormscopeError."""
-    from normscope.models import load_model
-    from normscope.text import TextOptions, load_text
+    from normscope.core.models import check_memory, load_model
+    from normscope.core.text import load_text
 
     quiet_libraries()
-    if bos not in ("auto", "yes", "no"):
-        raise NormscopeError(f"--bos must be auto, yes or no, not '{bos}'.")
     import torch
 
-    torch.manual_seed(seed)
-    with progress.status(f"loading {model}"):
-        lm = load_model(model, revision=revision, dtype=dtype, device=device,
-                        trust_remote_code=trust_remote_code, for_training=for_training,
-                        allow_pickle=allow_pickle)
-    from normscope.models import check_memory
-
-    check_memory(lm, batch_size, seq_len, training=for_training)
-    opts = TextOptions(paths=list(text) if text else None, dataset=dataset, seq_len=seq_len,
-                       max_tokens=max_tokens, batch_size=batch_size, seed=seed, bos=bos)
+    torch.manual_seed(text_opts.seed)
+    m = model_opts
+    with progress.status(f"loading {m.model}"):
+        lm = load_model(m.model, revision=m.revision, dtype=m.dtype, device=m.device,
+                        trust_remote_code=m.trust_remote_code, for_training=for_training,
+                        allow_pickle=m.allow_pickle)
+    check_memory(lm, text_opts.batch_size, text_opts.seq_len, training=for_training)
     with progress.status("tokenizing text"):
-        sample = load_text(lm.tokenizer, opts, max_positions=lm.info.max_positions, is_causal=lm.info.is_causal)
+        sample = load_text(lm.tokenizer, text_opts, max_positions=lm.info.max_positions, is_causal=lm.info.is_causal)
     return lm, sample
 
 
 def headlines_table(result: Any, command: str, *, timings: bool = False) -> Table:
     """The terminal summary most commands print: one row per headline number (and per timed step)."""
-    t = Table(title=f"{command}: {result.payload['model']}", show_header=True)
-    t.add_column("measure")
+    from normscope.report import fmt_value
+
+    t = Table(title=f"{command}: {result.payload.get('model', result.meta.get('model', {}).get('name', ''))}",
+              show_header=True)
+    t.add_column("measure", overflow="fold")
     t.add_column("value", justify="right")
     for key, v in result.headlines.items():
-        t.add_row(str(key), str(v))
+        t.add_row(result.label(str(key)), fmt_value(v))
     for key, sec in (result.timings.items() if timings else ()):
         t.add_row(f"time: {key}", f"{sec:.1f} s")
     return t
 
 
-def finish(result: Any, slug: str, out: Path | None, *, quiet: bool, as_json: bool,
+def finish(result: Any, slug_or_dir: str | Path, out: Path | None = None, *, quiet: bool, as_json: bool,
            table: Any = None) -> Any:
-    """Write HTML/JSON/CSV atomically, print the summary table (stderr) and where the report is."""
-    from normscope.report import dumps_json, write_report
+    """Write HTML/JSON/CSV atomically, refresh the folder's index, print the summary table and where it went.
 
-    paths = write_report(result, default_out(slug, out))
+    ``slug_or_dir``: the output folder (a Path), or a model slug whose default folder is reports/<slug>/."""
+    from normscope.report import dumps_json, write_report
+    from normscope.report.index import refresh_index
+
+    folder = slug_or_dir if isinstance(slug_or_dir, Path) else output_dir(slug_or_dir, out)
+    paths = write_report(result, folder)
+    refresh_index(folder)
     if as_json:
         sys.stdout.write(dumps_json(result.to_json_dict()) + "\n")
     if not quiet and not as_json:
         if table is not None:
             out_console.print(table)
         for line in result.summary[:3]:
-            out_console.print(line, highlight=False, soft_wrap=False)
-        out_console.print(f"[bold green]report:[/] {paths.html}", highlight=False)
-        out_console.print(f"[dim]json:   {paths.json}[/]", highlight=False)
+            out_console.print(line, highlight=False)
+        out_console.print(f"[bold green]report:[/] {paths.html}", highlight=False, soft_wrap=True)
+        out_console.print(f"[dim]json:   {paths.json}[/]", highlight=False, soft_wrap=True)
     elif not as_json:
-        out_console.print(str(paths.html), highlight=False)
+        out_console.print(str(paths.html), highlight=False, soft_wrap=True)
     return paths

@@ -40,8 +40,8 @@ from normscope.cli.common import (
     guarded,
     quiet_libraries,
 )
-from normscope.errors import NormscopeError
-from normscope.models import DEFAULT_MODEL
+from normscope.core.errors import NormscopeError
+from normscope.core.options import DEFAULT_MODEL
 
 
 class RemovalProgress(Progressor):
@@ -181,10 +181,10 @@ def remove_ln(
     """Remove every LayerNorm / RMSNorm by fine-tuning (Baroni et al. 2025) and export a plain LN-free model."""
     import torch
 
-    from normscope.models import load_model
+    from normscope.core.models import load_model
+    from normscope.core.text import TextOptions, load_text
     from normscope.removal import RemoveLnOptions, ScheduleOptions, StopFlag, TrainingStopped, TrainOptions
     from normscope.removal.pipeline import check, run, self_generated_sample
-    from normscope.text import TextOptions, load_text
 
     quiet_libraries()
     progress = RemovalProgress(quiet or as_json)

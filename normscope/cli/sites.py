@@ -2,53 +2,45 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+from typing import Annotated, Any
+
+import typer
 
 from normscope.cli import app
-from normscope.cli.common import (
-    AllowPickleOpt,
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    ModelArg,
-    Progressor,
-    RevisionOpt,
-    TrustOpt,
-    guarded,
-    out_console,
-    quiet_libraries,
-)
-from normscope.models import DEFAULT_MODEL
+from normscope.cli.common import Progressor, guarded, out_console, quiet_libraries
+from normscope.cli.options import MODEL, command
 
 
-@app.command(
+def _sites(model_opts: Any, as_json: bool) -> None:
+    from normscope.core.models import load_model
+    from normscope.core.options import validate
+    from normscope.core.sites import find_layout, find_norm_sites, format_sites_table
+
+    validate(model_opts)
+    quiet_libraries()
+    m = model_opts
+    with Progressor(as_json).status(f"loading {m.model}"):
+        lm = load_model(m.model, revision=m.revision, dtype=m.dtype, device=m.device,
+                        trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+    found = find_norm_sites(lm.model, find_layout(lm.model))
+    if as_json:
+        sys.stdout.write(json.dumps({"model": m.model, "sites": [s.to_dict() for s in found]}, indent=2) + "\n")
+        return
+    out_console.print(format_sites_table(found))
+    out_console.print(f"{len(found)} normalization sites in {lm.info.name} ({lm.info.architecture}).", highlight=False)
+
+
+_JSON = inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+    bool, typer.Option("--json", help="Print the sites as JSON to stdout.", rich_help_panel="Output")])
+
+app.command(
+    "sites",
+    help="List every normalization site (name, layer, role, kind, eps, module path) of MODEL.",
     epilog="Examples:\n\n"
     "  normscope sites                 # the bundled SmolLM2-135M (61 RMSNorm sites)\n\n"
     "  normscope sites minilm-l6       # BERT post-LN (13 LayerNorm sites)\n\n"
     "  normscope sites gpt2 --json     # machine-readable",
-)
-@guarded
-def sites(
-    model: ModelArg = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """List every normalization site (name, layer, role, kind, eps, module path) of MODEL."""
-    from normscope.models import load_model
-    from normscope.sites import find_layout, find_norm_sites, format_sites_table
-
-    quiet_libraries()
-    with Progressor(as_json).status(f"loading {model}"):
-        lm = load_model(model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                        allow_pickle=allow_pickle)
-    found = find_norm_sites(lm.model, find_layout(lm.model))
-    if as_json:
-        sys.stdout.write(json.dumps({"model": model, "sites": [s.to_dict() for s in found]}, indent=2) + "\n")
-        return
-    out_console.print(format_sites_table(found))
-    out_console.print(f"{len(found)} normalization sites in {lm.info.name} ({lm.info.architecture}).", highlight=False)
+)(guarded(command([MODEL], _sites, name="sites", doc="List every normalization site of MODEL.", extra=[_JSON])))

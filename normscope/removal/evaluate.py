@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from normscope.analysis import token_losses
+from normscope.core.losses import token_losses
 
 
 @dataclass
@@ -124,12 +124,12 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 def residual_norms(model: nn.Module, sample: Any, max_batches: int = 2) -> pd.DataFrame:
     """Mean L2 norm of the residual stream after each block, at position 0 and at the other positions.
 
-    Uses :class:`normscope.capture.Capture` with the ``blocks.{i}.hook_resid_post`` points and a reducer per
+    Uses :class:`normscope.core.capture.Capture` with the ``blocks.{i}.hook_resid_post`` points and a reducer per
     layer, so only running sums are kept. Baroni et al. report GPT-2 small's BOS residual norm at ~3000
     originally and ~300 LN-free; the first-token norm is what the auxiliary loss pulls down.
     """
-    from normscope.capture import Capture, TokenMoments
-    from normscope.sites import find_layout
+    from normscope.core.capture import Capture, TokenMoments
+    from normscope.core.sites import find_layout
 
     layout = find_layout(model)
     cap = Capture(model, layout, [])

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
 from normscope.removal.frozen import Removal
 from normscope.report import atomic_dir
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
 
 
 def divisor_stats(div: torch.Tensor, first_token: bool) -> torch.Tensor:

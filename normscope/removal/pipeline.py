@@ -25,15 +25,15 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from normscope.analysis import build_meta
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
+from normscope.core.sites import find_layout, find_norm_sites
 from normscope.removal import evaluate as ev
 from normscope.removal.export import DEFAULT_EPS, export_model
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import PHASE_LABELS, PHASES
 from normscope.removal.train import StepLog, StopFlag, TrainOptions, dist_env, latest_checkpoint, train
 from normscope.report import Figure, Result
-from normscope.sites import find_layout, find_norm_sites
+from normscope.report.result import build_meta
 
 REFERENCES = [
     "Heimersheim 2024, You can remove GPT2's LayerNorm by fine-tuning (arXiv:2409.13710)",
@@ -127,7 +127,7 @@ def self_generated_sample(lm: Any, n: int, seq_len: int, batch_size: int, seed: 
     Each starts from the tokenizer's BOS (else EOS) token, so position 0 is the same token everywhere. The
     ids are cached in ``cache`` so a resumed run trains on the same text.
     """
-    from normscope.text import sample_from_ids
+    from normscope.core.text import sample_from_ids
 
     if n < 1:
         raise NormscopeError("--self-generated needs a number of sequences of at least 1.")

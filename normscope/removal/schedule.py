@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
 
 PHASES = ("ln2", "ln1qk", "ln1v", "qk_norm", "other", "final")
 PHASE_LABELS = {
@@ -153,7 +153,7 @@ def build_schedule(sites: list[Any], steps: int, opts: ScheduleOptions | None = 
                    split: dict[str, bool] | None = None, first_token: bool = True) -> Schedule:
     """Place every site's removal on a step; raises NormscopeError when ``steps`` cannot hold the schedule.
 
-    ``sites`` are :class:`normscope.sites.NormSite` (only ``name``, ``role`` and ``layer`` are read), ``split``
+    ``sites`` are :class:`normscope.core.sites.NormSite` (only ``name``, ``role`` and ``layer`` are read), ``split``
     says which pre-attention sites have a separate V path, ``first_token`` adds the blend window.
     """
     opts = opts or ScheduleOptions()

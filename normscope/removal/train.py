@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import Schedule, ScheduleOptions, build_schedule
 from normscope.report import atomic_dir
@@ -403,7 +403,7 @@ def train(
 
     Every site is wrapped (live sites are bit-identical to the original); ``remove`` names the sites the
     schedule removes (default: all). ``batches`` are the training micro-batches
-    (:class:`normscope.text.TokenBatch`), visited in a seeded order, epoch after epoch. ``teacher`` (the
+    (:class:`normscope.core.text.TokenBatch`), visited in a seeded order, epoch after epoch. ``teacher`` (the
     original model, eval mode) is needed when
     ``opts.distill_weight`` > 0. The wrappers stay installed on return (``result.removal``), ready for export.
     """

@@ -7,7 +7,7 @@ document shorter than one window. Sequences are never padded, so ``attention_mas
 
 Fixed-length windows follow Gu et al. 2024 ("When Attention Sink Emerges in Language Models: An Empirical
 View"), who measure sink rates on prompts of T = 64 tokens and compare natural text with random-token and
-repeated-token sequences; the built-in prompt set carries both controls (see :mod:`normscope.prompts`).
+repeated-token sequences; the built-in prompt set carries both controls (see :mod:`normscope.core.prompts`).
 
 Files are streamed: read in chunks of :data:`CHUNK_BYTES`, decoded incrementally (strict UTF-8), cut at the
 last whitespace run and tokenized piece by piece; reading stops as soon as ``max_tokens`` is reached.
@@ -27,29 +27,14 @@ from typing import Any
 
 import torch
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
+from normscope.core.options import BOS_POLICIES, TextOptions
 
 CHUNK_BYTES = 1 << 20  # bytes read from a file at a time
 TOKENIZE_CHARS = 1 << 16  # characters handed to the tokenizer at a time (so early stops stay cheap)
 SNIFF_BYTES = 1024  # bytes checked for NUL to spot binary files
 TEXT_SUFFIXES = (".txt", ".jsonl", ".md")
-BOS_POLICIES = ("auto", "yes", "no")
 CONTROLS_PER_KIND = 4  # random-token and repeated-token sequences each, built-in set only
-
-
-@dataclass
-class TextOptions:
-    """What text to read and how to cut it (the CLI's shared text options)."""
-
-    paths: list[Path] | None = None  # .txt / .jsonl / .md files or folders (searched recursively)
-    dataset: str | None = None  # "NAME[:split]" or "NAME:CONFIG:split" via the `datasets` library
-    seq_len: int = 64  # tokens per sequence, specials included (Gu et al. use T = 64 for sink rates)
-    max_tokens: int = 16384  # stop after this many tokens in total
-    batch_size: int = 8
-    seed: int = 0
-    bos: str = "auto"  # "auto" (prepend BOS iff the tokenizer adds one itself), "yes", "no"
-    jsonl_field: str = "text"
-    controls: bool = True  # built-in set only: add random-token and repeated-token control sequences
 
 
 @dataclass
@@ -543,7 +528,7 @@ def load_text(
     """Read the text that ``opts`` names and cut it into fixed-length token batches.
 
     Sources: ``opts.paths`` (files and folders), ``opts.dataset`` or, when neither is given, the built-in
-    prompt set of :mod:`normscope.prompts` (plus random-token and repeated-token controls when
+    prompt set of :mod:`normscope.core.prompts` (plus random-token and repeated-token controls when
     ``opts.controls``). Windows hold ``seq_len`` tokens: a BOS and ``seq_len - 1`` text tokens when BOS is
     prepended, ``[CLS]`` + ``seq_len - 2`` + ``[SEP]`` for encoders (``is_causal=False``), else ``seq_len``
     text tokens. The order of sequences is fixed; ``opts.seed`` drives the controls.
@@ -570,7 +555,7 @@ def load_text(
         documents = _dataset_documents(opts.dataset, opts.jsonl_field)
         text_budget = max_sequences
     else:
-        from normscope import prompts
+        from normscope.core import prompts
 
         docs = prompts.builtin_documents()
         source = f"built-in prompts ({len(docs)} documents)"

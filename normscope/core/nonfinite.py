@@ -1,65 +1,14 @@
-"""What every analysis shares: the run metadata a report prints, the loss helpers several analyses use, and the
-inf/NaN (fp16/bf16 overflow) report every analysis attaches to its result."""
+"""The inf/NaN (fp16/bf16 overflow) report that every analysis attaches to its result."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 
-def build_meta(lm: Any, sample: Any, **settings: Any) -> dict[str, Any]:
-    """The settings block of a report: model, text, the command's own settings, package versions."""
-    from normscope.report import make_meta
-
-    return make_meta(lm.info, sample.to_dict() if sample is not None else None, settings=settings)
-
-
-def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy per predicted token, masked positions dropped.
-
-    logits: ``[batch, pos, vocab]``; input_ids, attention_mask: ``[batch, pos]``. Returns ``[n_tokens]`` float32.
-    """
-    pred = logits[:, :-1].float()  # [batch, pos-1, vocab]
-    target = input_ids[:, 1:]  # [batch, pos-1]
-    keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-    return ce[keep.reshape(-1)]
-
-
-class LossMeter:
-    """Running mean of next-token cross-entropy over batches (``on_output`` callback for ``Capture.run``)."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.n = 0
-
-    def __call__(self, out: Any, ctx: Any) -> None:
-        ce = token_losses(out.logits, ctx.input_ids, ctx.attention_mask)
-        self.total += float(ce.double().sum())
-        self.n += int(ce.numel())
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.n if self.n else float("nan")
-
-
-@contextmanager
-def progress_task(progress: Any, name: str, total: float) -> Iterator[Callable[[float], None] | None]:
-    """A progress bar task when ``progress`` (a CLI ``Progressor``) is given; ``None`` for silent API calls."""
-    if progress is None:
-        yield None
-    else:
-        with progress.task(name, total) as adv:
-            yield adv
-
-
-# ---- inf / NaN (fp16 / bf16 overflow) -----------------------------------------------------------------------
 class FiniteWatch:
-    """A reducer that keeps nothing: added at a hook point, it makes :class:`~normscope.capture.Capture` count the
+    """A reducer that keeps nothing: added at a hook point, it makes :class:`~normscope.core.capture.Capture` count the
     inf/NaN values there (Capture checks every point that has a reducer)."""
 
     def update(self, x: torch.Tensor, ctx: Any) -> None:

@@ -24,7 +24,6 @@ more forward passes. The exact k-NN search works in blocks of ``block_size`` que
 from __future__ import annotations
 
 import math
-import re
 import time
 import unicodedata
 from collections import Counter
@@ -36,51 +35,24 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from normscope.analysis import build_meta, flag_nonfinite, merge_nonfinite, watch_residual
-from normscope.analysis import progress_task as _task
-from normscope.capture import BatchContext, Capture
-from normscope.errors import NormscopeError
+from normscope.analyses.base import RunContext
+from normscope.analyses.hubness.options import REFERENCES, HubnessOptions
+from normscope.core.attention import SinkTokens
+from normscope.core.capture import BatchContext, Capture
+from normscope.core.errors import NormscopeError
+from normscope.core.layers import parse_layers
+from normscope.core.nonfinite import flag_nonfinite, merge_nonfinite, watch_residual
+from normscope.core.progress import progress_task as _task
 from normscope.report import Figure, Result, plot_text
-from normscope.sinks import AttentionSinkReducer
-from normscope.sites import find_layout, find_norm_sites
+from normscope.report.result import build_meta
 
-REFERENCES = [
-    "Radovanovic, Nanopoulos, Ivanovic 2010, Hubs in Space: Popular Nearest Neighbors in High-Dimensional Data "
-    "(JMLR 11:2487-2531)",
-    "Feldbauer, Leodolter, Plant, Flexer 2018, Fast approximate hubness reduction for large high-dimensional data "
-    "(IEEE ICBK); scikit-hubness conventions",
-    "Nielsen, Macocco, Baroni 2025, Prediction hubs are context-informed frequent tokens in LLMs (arXiv:2502.10201)",
-    "Gu et al. 2024, When Attention Sink Emerges in Language Models: An Empirical View (arXiv:2410.10781)",
-]
-
-METRICS = ("euclidean", "cosine")
-CONTROLS = ("random", "repeated")  # control sequences of the built-in prompt set: not text, left out here
-
-
-@dataclass
-class HubnessOptions:
-    """Settings of ``normscope hubness``."""
-
-    k: int = 10
-    """Neighbourhood size k of the k-NN lists (scikit-hubness default: 10)."""
-    metrics: tuple[str, ...] = METRICS
-    """Distances between token representations: ``euclidean`` and/or ``cosine``."""
-    layers: list[int] | None = None
-    """Blocks to analyse; None = every third block plus the last one."""
-    sites: bool = True
-    """Also analyse the input and output of every norm site of those blocks (and the final norm)."""
-    unembed: bool = True
-    """Also measure the hubness of contexts against the unembedding (causal LMs only)."""
-    top_hubs: int = 10
-    """Hubs named per point and metric (largest N_k)."""
-    memory_mb: float = 1024.0
-    """Most memory the captured representation matrices of one forward pass may take."""
-    block_size: int = 1024
-    """Query rows per block of the exact k-NN search."""
-    hist_points: int = 3
-    """Layers whose N_k histograms are drawn."""
-    hub_size: float = 2.0
-    """A hub has N_k >= hub_size * k (scikit-hubness: 2)."""
+AXES = {"points": "layer", "norm_effect": "layer"}  # each per-depth table: its depth column
+LABELS = {
+    "points": "per hook point", "norm_effect": "each norm's effect", "skewness": "k-occurrence skewness",
+    "robin_hood": "Robin Hood index", "antihub_share": "antihub share (N_k = 0)", "hub_occurrence": "hub occurrence",
+    "gini": "Gini of N_k", "skewness_in": "skewness before the norm", "skewness_out": "skewness after the norm",
+    "nonfinite_points": "hook points with inf/NaN",
+}
 
 
 # ---- pure metric functions -----------------------------------------------------------------------------
@@ -262,24 +234,8 @@ class MatrixCollector:
 
 
 def token_mask(ctx: BatchContext) -> torch.Tensor:
-    """``[batch, pos]`` bool: the tokens hubness looks at (unmasked, and not in a random/repeated control)."""
-    natural = torch.tensor([c not in CONTROLS for c in ctx.categories], device=ctx.attention_mask.device)
-    return ctx.attention_mask.bool() & natural[:, None]
-
-
-class NaturalText:
-    """Wraps a reducer so that it only sees the sequences of natural text (controls left out)."""
-
-    def __init__(self, reducer: Any) -> None:
-        self.reducer = reducer
-
-    def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
-        keep = [i for i, c in enumerate(ctx.categories) if c not in CONTROLS]
-        if not keep:
-            return
-        idx = torch.tensor(keep, device=x.device)
-        sub = BatchContext(ctx.input_ids[idx], ctx.attention_mask[idx], [ctx.categories[i] for i in keep], ctx.index)
-        self.reducer.update(x[idx], sub)
+    """``[batch, pos]`` bool: the tokens hubness looks at (every unmasked token of the sample)."""
+    return ctx.attention_mask.bool()
 
 
 @dataclass
@@ -347,48 +303,25 @@ def group_points(points: list[Point], bytes_per_point: int, memory_mb: float) ->
     return [points[i:i + per_pass] for i in range(0, len(points), per_pass)]
 
 
-def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
-    """``"0,3,10-12"`` or ``"all"`` to a sorted list of block indices; negative indices count from the end."""
-    if spec is None or not spec.strip():
-        return None
-    if spec.strip() == "all":
-        return list(range(n_layers))
-    out: set[int] = set()
-    for part in (p.strip() for p in spec.split(",")):
-        single, span = re.fullmatch(r"-?\d+", part), re.fullmatch(r"(\d+)-(\d+)", part)
-        if single:
-            v = int(part)
-            out.add(v + n_layers if v < 0 else v)
-        elif span:
-            out.update(range(int(span.group(1)), int(span.group(2)) + 1))
-        else:
-            raise NormscopeError(f"--layers '{spec}' is not a list of block indices such as 0,3,10-12 or all.")
-    bad = sorted(v for v in out if not 0 <= v < n_layers)
-    if bad:
-        raise NormscopeError(f"--layers asks for block(s) {bad}, but the model has blocks 0-{n_layers - 1}.")
-    return sorted(out)
-
-
 # ---- the analysis -------------------------------------------------------------------------------------
-def run(lm: Any, sample: Any, opts: HubnessOptions | None = None, progress: Any = None) -> Result:
+def run(ctx: RunContext, opts: HubnessOptions) -> Result:
     """k-occurrence hubness of the residual stream and of every norm site's input and output.
 
-    ``lm`` is a :class:`normscope.models.LoadedModel`, ``sample`` a :class:`normscope.text.TextSample`.
-    One forward pass per group of points (see :class:`HubnessOptions`), then an exact blocked k-NN search
-    per point and metric; a last step ranks vocabulary items by how many final states have them among their
-    k largest logits.
+    ``ctx`` carries the loaded model, its layout and norm sites (probed once) and the text sample; ``ctx.progress``
+    is the CLI's progress bar or None (silent).
     """
-    opts = opts or HubnessOptions()
+    lm, sample, progress = ctx.lm, ctx.sample, ctx.progress
     model, tok, info = lm.model, lm.tokenizer, lm.info
     meta = _token_meta(sample)
-    n_tok = int(meta.ids.numel())  # tokens analysed (control sequences left out)
+    n_tok = int(meta.ids.numel())  # tokens analysed
     _check_options(opts, n_tok)
-    layout = find_layout(model)
-    sites = find_norm_sites(model, layout)
-    layers = opts.layers if opts.layers is not None else default_layers(layout.n_layers)
-    bad = [v for v in layers if not 0 <= v < layout.n_layers]
-    if bad:
-        raise NormscopeError(f"Layers {bad} do not exist: the model has blocks 0-{layout.n_layers - 1}.")
+    layout = ctx.layout
+    sites = ctx.sites
+    layers = parse_layers(opts.layers, layout.n_layers, "--layers")
+    if layers is None:
+        layers = default_layers(layout.n_layers)
+    if not layers:
+        raise NormscopeError("--layers none leaves nothing to analyse; name some blocks, e.g. --layers 0,12,-1.")
     points = plan_points(layout, sites, layers, opts.sites)
     bytes_per_point = n_tok * layout.d_model * 4
     groups = group_points(points, bytes_per_point, opts.memory_mb)
@@ -401,7 +334,7 @@ def run(lm: Any, sample: Any, opts: HubnessOptions | None = None, progress: Any 
     unembed_scores: dict[str, Any] = {}
     n_knn = len(points) * len(opts.metrics)
     total = sample.n_tokens * len(groups) + n_knn + (1 if with_unembed else 0)
-    sink_reducers: dict[int, AttentionSinkReducer] = {}
+    sink_tokens = SinkTokens(info.is_causal)
     nonfinite: list[list[dict[str, Any]]] = []  # one inf/NaN report per pass
     with _task(progress, "hubness", total) as advance:
         for gi, group in enumerate(groups):
@@ -410,10 +343,9 @@ def run(lm: Any, sample: Any, opts: HubnessOptions | None = None, progress: Any 
             final_col = None
             if gi == 0:
                 watch_residual(cap, layout)  # every block's output checked for inf/NaN once
-                sink_reducers = {b.index: AttentionSinkReducer(b.index, 0.3, info.is_causal, 16)
-                                 for b in layout.blocks if b.attn is not None}
-                for i, r in sink_reducers.items():
-                    cap.add(f"blocks.{i}.attn.hook_pattern", NaturalText(r))
+                for b in layout.blocks:
+                    if b.attn is not None:
+                        cap.add(f"blocks.{b.index}.attn.hook_pattern", sink_tokens)
                 if with_unembed:
                     hook = f"{layout.final_norm.name}.hook_out"
                     final_col = collectors.get(hook) or cap.add(hook, MatrixCollector(n_tok))
@@ -423,7 +355,7 @@ def run(lm: Any, sample: Any, opts: HubnessOptions | None = None, progress: Any 
             timings["forward passes"] += time.perf_counter() - t0
             nonfinite.append(cap.nonfinite_report())
             if gi == 0:
-                meta.sink_ids = {tid for r in sink_reducers.values() for (pc, tid) in r.sink_tokens if pc == "later"}
+                meta.sink_ids = sink_tokens.later_ids()
                 if final_col is not None:
                     t0 = time.perf_counter()
                     h = final_col.matrix[: final_col.n] if final_col.matrix is not None else None
@@ -470,18 +402,11 @@ def run(lm: Any, sample: Any, opts: HubnessOptions | None = None, progress: Any 
 
 
 def _check_options(opts: HubnessOptions, n_tokens: int) -> None:
-    if opts.k < 1:
-        raise NormscopeError(f"--k must be at least 1, not {opts.k}.")
     if opts.k >= n_tokens:
         raise NormscopeError(
-            f"--k {opts.k} needs more than {opts.k} tokens, but the text gave {n_tokens} (control sequences "
-            "not counted); lower --k or give more text (--text, --max-tokens)."
+            f"--k {opts.k} needs more than {opts.k} tokens, but the text gave {n_tokens}; lower --k or give more "
+            "text (--text, --max-tokens)."
         )
-    bad = [m for m in opts.metrics if m not in METRICS]
-    if bad or not opts.metrics:
-        raise NormscopeError(f"--metric must be euclidean, cosine or both, not '{','.join(bad) or 'nothing'}'.")
-    if opts.memory_mb <= 0:
-        raise NormscopeError("--memory-mb must be positive.")
 
 
 
@@ -624,6 +549,8 @@ def _build_result(lm: Any, sample: Any, opts: HubnessOptions, layers: list[int],
         meta=build_meta(lm, sample, **settings),
         payload=payload,
         tables=tables,
+        axes=AXES,
+        labels=LABELS,
         figures=figures,
         headlines=headlines,
         summary=summary,

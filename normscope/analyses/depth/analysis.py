@@ -23,7 +23,6 @@ per batch, the LayerNorm Scaling what-if one more, the dropped window one more.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,47 +33,45 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from normscope.analysis import LossMeter, build_meta, flag_nonfinite, nonfinite_warning
-from normscope.analysis import progress_task as _task
-from normscope.capture import BatchContext, Capture
-from normscope.errors import NormscopeError
+from normscope.analyses.base import RunContext
+from normscope.analyses.depth.options import REFERENCES, DepthOptions
+from normscope.core.capture import BatchContext, Capture
+from normscope.core.errors import NormscopeError
+from normscope.core.layers import parse_layers
+from normscope.core.losses import LossMeter
+from normscope.core.nonfinite import flag_nonfinite, nonfinite_warning
+from normscope.core.progress import progress_task as _task
+from normscope.core.text import TokenBatch
 from normscope.report import Figure, Result, plot_text
-from normscope.sites import find_layout, find_norm_sites
-from normscope.text import TokenBatch
+from normscope.report.result import build_meta
 
-REFERENCES = [
-    "Sun, Yin, Li, Liu et al. 2025, The Curse of Depth in Large Language Models (arXiv:2502.05795), "
-    "code lmsdss/LayerNorm-Scaling",
-    "Gromov, Tirumala, Shapourian, Glorioso, Roberts 2024, The Unreasonable Ineffectiveness of the Deeper "
-    "Layers (arXiv:2403.17887)",
-    "Sun, Chen, Kolter, Liu 2024, Massive Activations in Large Language Models (arXiv:2402.17762)",
-    "Li et al. 2024, Mix-LN: Unleashing the Power of Deeper Layers by Combining Pre-LN and Post-LN "
-    "(arXiv:2412.13795)",
-]
 CONTROL_CATEGORIES = ("random", "repeated")
 PRE_NORM_ROLES = ("pre_attn", "pre_mlp")
 DEEP_FRACTION = 0.4  # the summary line talks about the deepest 40% of blocks
 
-
-@dataclass
-class DepthOptions:
-    """Settings of ``normscope depth-curse``."""
-
-    skip: bool | None = None
-    """Skip each block in turn (identity) and measure the loss: one forward pass per block per batch.
-    None: on for causal LMs, off for encoders (which have no next-token loss)."""
-    layers: list[int] | str | None = None
-    """Blocks to skip one at a time: indices or a spec such as ``"0-9,20-29"`` (None: every block)."""
-    window: int | None = None
-    """Size n of the block window to drop together (Gromov et al.): the n consecutive blocks with the smallest
-    angular distance d(h_l, h_{l+n}), and the loss once they are dropped (one more pass). None: a quarter of
-    the blocks for causal LMs; 0: off."""
-    lns: bool | None = None
-    """LayerNorm Scaling what-if (Sun et al. 2025): every pre-norm output times 1/sqrt(layer + 1), at inference
-    (one more pass). None: on when the model has pre-norm sites."""
-    include_controls: bool = False
-    """Keep the random-token and repeated-token control sequences of the built-in text (left out by default:
-    the loss and the last-token angles of shuffled text say nothing about depth)."""
+AXES = {"layers": "point", "blocks": "block", "sites": "layer"}  # each per-depth table: its depth column
+LABELS = {  # words for table and column names on pages and in compare
+    "layers": "per residual point",
+    "blocks": "per block",
+    "sites": "per norm site",
+    "point": "residual point",
+    "block": "block",
+    "norm_rest": "residual L2 norm, positions > 0",
+    "norm_pos0": "residual L2 norm, position 0",
+    "var_rest": "residual variance, positions > 0",
+    "var_pos0": "residual variance, position 0",
+    "rel_update": "relative update ||f(h)|| / ||h||",
+    "rel_update_attn": "relative update of attention",
+    "rel_update_mlp": "relative update of the MLP",
+    "skip_delta_loss": "loss change when the block is skipped",
+    "skip_loss": "loss with the block skipped",
+    "angular_to_next": "angular distance to the next block",
+    "divisor_rest": "norm divisor, positions > 0",
+    "divisor_pos0": "norm divisor, position 0",
+    "out_var_rest": "norm output variance, positions > 0",
+    "lns_norm_rest": "LNS what-if: residual norm, positions > 0",
+    "nonfinite_points": "hook points with inf/NaN",
+}
 
 
 # ---- pure metric functions -----------------------------------------------------------------------------
@@ -214,32 +211,6 @@ def fit_growth(depth: np.ndarray | list[float], values: np.ndarray | list[float]
 def lns_factor(layer: int) -> float:
     """LayerNorm Scaling (Sun et al. 2025): the pre-norm output of block ``layer`` (0-based) times 1/sqrt(l + 1)."""
     return 1.0 / math.sqrt(layer + 1)
-
-
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
-    """Parse ``"0-9,20-29"`` or ``"3,5,7"`` into sorted unique block indices; None for an empty spec.
-
-    Raises :class:`NormscopeError` (one sentence) for a malformed spec or an index outside 0..n_layers-1.
-    """
-    if spec is None or not spec.strip():
-        return None
-    out: set[int] = set()
-    for part in spec.split(","):
-        m = _RANGE.match(part)
-        if not m:
-            raise NormscopeError(f"--layers '{spec}' is malformed; write block indices and ranges like 0-9,20-29.")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise NormscopeError(f"--layers range '{part.strip()}' runs backwards; write it as {hi}-{lo}.")
-        if hi >= n_layers:
-            raise NormscopeError(
-                f"--layers '{spec}' goes up to block {hi}, but this model has blocks 0-{n_layers - 1}.")
-        out.update(range(lo, hi + 1))
-    return sorted(out)
 
 
 # ---- reducers ------------------------------------------------------------------------------------------
@@ -534,26 +505,6 @@ def lns_interventions(cap: Capture, sites: list[Any]) -> list[str]:
 
 
 # ---- running -------------------------------------------------------------------------------------------
-def text_batches(sample: Any, include_controls: bool) -> list[TokenBatch]:
-    """The sample's batches, without the random / repeated control rows unless asked for."""
-    if include_controls:
-        return list(sample.iter_batches())
-    out = []
-    for b in sample.iter_batches():
-        keep = [i for i, c in enumerate(b.categories) if c not in CONTROL_CATEGORIES]
-        if not keep:
-            continue
-        if len(keep) == len(b.categories):
-            out.append(b)
-        else:
-            idx = torch.tensor(keep)
-            out.append(TokenBatch(b.input_ids[idx], b.attention_mask[idx], [b.categories[i] for i in keep]))
-    if not out:
-        raise NormscopeError("All sequences are random or repeated-token controls; give real text with --text.")
-    return out
-
-
-
 def _stats_pass(model: Any, layout: Any, sites: list[Any], batches: list[TokenBatch], label: str, causal: bool,
                 progress: Any, task: str, lns: bool = False) -> PassStats:
     cap = Capture(model, layout, sites)
@@ -579,18 +530,18 @@ def _loss_pass(model: Any, layout: Any, sites: list[Any], batches: list[TokenBat
     return meter.mean
 
 
-def run(lm: Any, sample: Any, opts: DepthOptions | None = None, progress: Any = None) -> Result:
+def run(ctx: RunContext, opts: DepthOptions) -> Result:
     """Variance growth, layer effectiveness and the LayerNorm Scaling what-if (see the module docstring).
 
-    ``lm`` is a :class:`normscope.models.LoadedModel`, ``sample`` a :class:`normscope.text.TextSample`.
-    ``progress`` is an optional ``Progressor`` (CLI); the Python API runs silently.
+    ``ctx`` carries the loaded model, its layout and norm sites (probed once) and the text sample; ``ctx.progress``
+    is the CLI's progress bar or None (silent).
     """
-    opts = opts or DepthOptions()
+    lm, sample, progress = ctx.lm, ctx.sample, ctx.progress
     model = lm.model
-    layout = find_layout(model)
+    layout = ctx.layout
     if not layout.blocks:
         raise NormscopeError(f"{type(model).__name__} has no transformer blocks normscope recognises.")
-    sites = find_norm_sites(model, layout)
+    sites = ctx.sites
     causal = bool(layout.is_causal and layout.unembed is not None)  # next-token loss needs logits
     n_blocks = layout.n_layers
     pre_norm = [s for s in sites if s.role in PRE_NORM_ROLES]
@@ -604,17 +555,17 @@ def run(lm: Any, sample: Any, opts: DepthOptions | None = None, progress: Any = 
                              "drop --lns.")
     if opts.window is not None and not 0 <= opts.window <= n_blocks:
         raise NormscopeError(f"--window {opts.window} is outside 0-{n_blocks}, the number of blocks of this model.")
-    chosen = parse_layers(opts.layers, n_blocks) if isinstance(opts.layers, str) else opts.layers
-    if chosen is not None and any(not 0 <= i < n_blocks for i in chosen):
-        raise NormscopeError(f"--layers must name blocks 0-{n_blocks - 1} of this model.")
-    if chosen is not None and opts.skip is None and not causal:
-        raise NormscopeError("--layers chooses blocks to skip, which measures next-token loss and needs a causal LM; "
-                             "drop --layers for encoders.")
-    do_skip = (causal or chosen is not None) if opts.skip is None else opts.skip
+    chosen = parse_layers(opts.skip_layers, n_blocks, "--skip-layers")
+    if chosen and opts.skip is None and not causal:
+        raise NormscopeError("--skip-layers chooses blocks to skip, which measures next-token loss and needs a causal "
+                             "LM; drop --skip-layers for encoders.")
+    do_skip = (causal or bool(chosen)) if opts.skip is None else opts.skip
+    if chosen == []:  # --skip-layers none: no skip passes
+        do_skip = False
     do_lns = bool(pre_norm) if opts.lns is None else opts.lns
     window = (max(1, n_blocks // 4) if causal else 0) if opts.window is None else opts.window
     skip_layers = list(chosen) if chosen is not None else list(range(n_blocks))
-    batches = text_batches(sample, opts.include_controls)
+    batches = list(sample.iter_batches())
     n_tok = sum(int(b.attention_mask.sum()) for b in batches)
 
     timings: dict[str, float] = {}
@@ -742,7 +693,7 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
         "seq_len": sample.seq_len,
         "n_tokens": n_tok,
         "n_sequences": sum(len(b) for b in batches),
-        "controls_included": opts.include_controls,
+        "controls_included": any(c in CONTROL_CATEGORIES for c in sample.categories),
         "loss": base_loss,
         "layers": layers.to_dict("records"),
         "blocks": blocks.to_dict("records"),
@@ -772,6 +723,8 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
         meta=build_meta(lm, sample, **settings),
         payload=payload,
         tables=tables,
+        axes=AXES,
+        labels=LABELS,
         figures=figures,
         headlines=headlines,
         summary=summary,
@@ -955,3 +908,20 @@ def _figures(layers: pd.DataFrame, blocks: pd.DataFrame, sites_df: pd.DataFrame,
                            "The model was not trained with LayerNorm Scaling, so read this as a sensitivity test, "
                            "not as the paper's trained result."))
     return figs
+
+
+def terminal_table(result: Any) -> Any:
+    """The rich table the CLI prints after the run."""
+    from rich.table import Table
+
+    r = result  # a normscope.report.Result
+    t = Table(title=f"depth-curse: {r.payload['model']}", show_header=True)
+    for col in ("block", "rel. update", "attn", "MLP", "norm after", "skip dloss"):
+        t.add_column(col, justify="right")
+    layers = {row["point"]: row for row in r.payload["layers"]}
+    for row in r.payload["blocks"]:
+        d = row.get("skip_delta_loss")
+        t.add_row(str(row["block"]), f"{100 * row['rel_update']:.1f}%", f"{100 * row['rel_update_attn']:.1f}%",
+                  f"{100 * row['rel_update_mlp']:.1f}%", f"{layers[row['block'] + 1]['norm_rest']:.1f}",
+                  "" if d is None or d != d else f"{d:+.3f}")
+    return t

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
 
 Role = Literal["pre_attn", "pre_mlp", "post_attn", "post_mlp", "qk_norm", "final", "embedding", "other"]
 Kind = Literal["layernorm", "rmsnorm"]

@@ -18,7 +18,6 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,55 +25,43 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from normscope.analysis import LossMeter, build_meta, flag_nonfinite
-from normscope.analysis import progress_task as _task
-from normscope.capture import BatchContext, Capture
-from normscope.errors import NormscopeError
+from normscope.analyses.base import RunContext
+from normscope.analyses.sinks.options import REFERENCES, SinksOptions
+from normscope.core.attention import SinkTokens, sink_scores
+from normscope.core.capture import BatchContext, Capture
+from normscope.core.errors import NormscopeError
+from normscope.core.losses import LossMeter
+from normscope.core.nonfinite import flag_nonfinite
+from normscope.core.progress import progress_task as _task
 from normscope.report import Figure, Result, heatmap_layer_head
-from normscope.sites import find_layout, find_norm_sites
+from normscope.report.result import build_meta
 
-REFERENCES = [
-    "Gu et al. 2024, When Attention Sink Emerges in Language Models: An Empirical View (arXiv:2410.10781)",
-    "Sun, Chen, Kolter, Liu 2024, Massive Activations in Large Language Models (arXiv:2402.17762)",
-    "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)",
-    "A Unified View of Attention and Residual Sinks (2026): outlier-driven rescaling",
-]
-
-
-@dataclass
-class SinksOptions:
-    """Settings of ``normscope sinks``."""
-
-    eps: float = 0.3
-    """Sink threshold: a (sequence, layer, head) is a sink when alpha_1 exceeds it (Gu et al. use 0.3)."""
-    massive_threshold: float = 100.0
-    """Absolute magnitude a massive activation must exceed (Sun et al.: 100)."""
-    massive_ratio: float = 1000.0
-    """...and its ratio to the median |h| of its hidden state (Sun et al.: about 1000)."""
-    min_queries: int = 16
-    """A later key position k counts as a sink only if at least this many queries can see it."""
-    top_k: int = 3
-    """Outlier dims per token used for the divisor share."""
-    ablate: bool = False
-    """Also run the causal checks (three extra forward passes over the same text)."""
+AXES = {"layers": "layer", "sites": "layer"}  # each per-depth table: its depth column
+LABELS = {  # words for table and column names on pages and in compare
+    "layers": "per layer",
+    "sites": "per norm site",
+    "layer": "layer",
+    "sink_rate": "sink rate Sink_1^0.3 (%)",
+    "alpha1_mean": "mean alpha_1 (attention on position 0)",
+    "top1_abs": "top-1 |h|",
+    "top2_abs": "top-2 |h|",
+    "top3_abs": "top-3 |h|",
+    "median_abs": "median |h|",
+    "top1_to_median": "top-1 / median |h|",
+    "top1_frequency": "share of sequences with the top-1 at its usual place",
+    "divisor_first": "divisor at position 0",
+    "divisor_rest": "divisor at positions > 0",
+    "top1_share_first": "top-1 dim's share of ||x||^2 at position 0",
+    "top1_share_rest": "top-1 dim's share of ||x||^2 at positions > 0",
+    "shrink_first": "shrink of the other dims, position 0",
+    "shrink_rest": "shrink of the other dims, positions > 0",
+    "divisor_ratio_first_to_rest": "divisor ratio, position 0 / rest",
+    "sink_rate_pct": "sink rate (%)",
+    "nonfinite_points": "hook points with inf/NaN",
+}
 
 
 # ---- pure metric functions -----------------------------------------------------------------------------
-def sink_scores(pattern: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """alpha_k: the mean attention key position k receives from the queries that can see it (Gu et al.).
-
-    pattern: ``[batch, head, query, key]`` attention probabilities. Returns ``[batch, head, key]``.
-    Causal models average over queries i >= k; encoders over all queries.
-    """
-    t_q, t_k = pattern.shape[-2], pattern.shape[-1]
-    col = pattern.float().sum(dim=2)  # [batch, head, key]
-    if causal:
-        n_q = (t_q - torch.arange(t_k, device=pattern.device) - (t_k - t_q)).clamp(min=1).float()  # [key]
-    else:
-        n_q = torch.full((t_k,), float(t_q), device=pattern.device)
-    return col / n_q
-
-
 def sink_rate(alpha: torch.Tensor, eps: float = 0.3) -> float:
     """Sink_k^eps in percent: the share of entries of ``alpha`` (any shape) strictly above ``eps``."""
     return 100.0 * float((alpha > eps).float().mean()) if alpha.numel() else float("nan")
@@ -135,7 +122,7 @@ def site_outliers(x: torch.Tensor, k: int, centered: bool, eps: float
     """Everything the outlier analysis needs from a norm site's input, in one pass over it.
 
     x: ``[batch, pos, d]``. Returns the divisor ``[batch, pos]`` (std or RMS with eps, as
-    :func:`normscope.sites.norm_divisor`), the top-1..k share of the squared divisor ``[batch, pos, k]`` (as
+    :func:`normscope.core.sites.norm_divisor`), the top-1..k share of the squared divisor ``[batch, pos, k]`` (as
     :func:`outlier_share`) and the dim of largest |x| per token ``[batch, pos]``.
     """
     x = x.float()
@@ -160,7 +147,7 @@ class AttentionSinkReducer:
         self.above: torch.Tensor | None = None  # [head] count of sequences with alpha_1 > eps
         self.cat_n: Counter[str] = Counter()
         self.cat_above: Counter[str] = Counter()
-        self.sink_tokens: Counter[tuple[str, int]] = Counter()  # (pos class, token id) -> count
+        self.tokens = SinkTokens(causal, eps, min_queries)  # (pos class, token id) -> count
 
     def update(self, pattern: torch.Tensor, ctx: BatchContext) -> None:
         alpha = sink_scores(pattern, self.causal)  # [batch, head, key]
@@ -176,12 +163,7 @@ class AttentionSinkReducer:
         for cat, row in zip(ctx.categories, first.cpu(), strict=True):
             self.cat_n[cat] += h
             self.cat_above[cat] += int(row.sum())
-        ids = ctx.input_ids.cpu()
-        n_q = t - torch.arange(t) if self.causal else torch.full((t,), t)
-        ok = (n_q >= self.min_queries).to(alpha.device)  # [key]
-        hits = (alpha > self.eps) & ok  # [batch, head, key]
-        for bi, _hi, k in hits.nonzero().tolist():
-            self.sink_tokens[("first" if k == 0 else "later", int(ids[bi, k]))] += 1
+        self.tokens.add(alpha, ctx.input_ids)
 
     def alpha_mean(self) -> torch.Tensor:
         """``[head, key]`` mean alpha_k over sequences."""
@@ -338,16 +320,16 @@ def no_attention_to_first(layout: Any) -> Iterator[None]:
 
 
 # ---- the analysis -------------------------------------------------------------------------------------
-def run(lm: Any, sample: Any, opts: SinksOptions | None = None, progress: Any = None) -> Result:
+def run(ctx: RunContext, opts: SinksOptions) -> Result:
     """Attention sinks, massive activations and outlier rescaling in one forward pass per batch.
 
-    ``lm`` is a :class:`normscope.models.LoadedModel`, ``sample`` a :class:`normscope.text.TextSample`.
-    ``progress`` is an optional ``Progressor`` (CLI); the Python API runs silently.
+    ``ctx`` carries the loaded model, its layout and norm sites (probed once) and the text sample; ``ctx.progress``
+    is the CLI's progress bar or None (silent).
     """
-    opts = opts or SinksOptions()
+    lm, sample, progress = ctx.lm, ctx.sample, ctx.progress
     model, tok, info = lm.model, lm.tokenizer, lm.info
-    layout = find_layout(model)
-    sites = find_norm_sites(model, layout)
+    layout = ctx.layout
+    sites = ctx.sites
     causal = info.is_causal
     if opts.ablate and not causal:
         raise NormscopeError("--ablate measures next-token loss, so it needs a causal LM; drop --ablate for encoders.")
@@ -469,7 +451,7 @@ def _build_result(lm: Any, sample: Any, opts: SinksOptions, layout: Any, attn: d
     # sink tokens
     tcount: Counter[tuple[str, int]] = Counter()
     for a in attn.values():
-        tcount.update(a.sink_tokens)
+        tcount.update(a.tokens.counts)
     total_hits = sum(tcount.values()) or 1
     tok_rows = [{"position": pc, "token": _tok_str(tok, tid), "token_id": tid, "count": c, "share": c / total_hits}
                 for (pc, tid), c in tcount.most_common(25)]
@@ -523,6 +505,8 @@ def _build_result(lm: Any, sample: Any, opts: SinksOptions, layout: Any, attn: d
         meta=build_meta(lm, sample, **{k: v for k, v in opts.__dict__.items()}),
         payload=payload,
         tables=tables,
+        axes=AXES,
+        labels=LABELS,
         figures=figures,
         headlines=headlines,
         summary=summary,

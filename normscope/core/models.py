@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
+from normscope.core.io import slugify
+from normscope.core.options import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -87,17 +88,6 @@ class LoadedModel:
 def cache_dir() -> Path:
     """Where dequantized GGUF models are cached (``$NORMSCOPE_CACHE``, default ``~/.cache/normscope``)."""
     return Path(os.environ.get("NORMSCOPE_CACHE", Path.home() / ".cache" / "normscope"))
-
-
-def slugify(spec: str) -> str:
-    """A folder name for ``reports/<slug>/`` that cannot escape ``reports/``."""
-    base = spec.rstrip("/\\")
-    if os.sep in base or "/" in base:
-        parts = [p for p in re.split(r"[\\/]", base) if p not in ("", ".", "..")]
-        base = "-".join(parts[-2:]) if parts else "model"
-    base = re.sub(r"\.gguf$", "", base)
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-_")
-    return slug[:80] or "model"
 
 
 def bundled_path(alias: str) -> Path:

@@ -41,24 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normscope.analysis import build_meta, flag_nonfinite, note_nonfinite, watch_residual
-from normscope.analysis import progress_task as _task
-from normscope.capture import BatchContext, Capture, TokenMoments
-from normscope.depth import text_batches, token_l2
-from normscope.errors import NormscopeError
+from normscope.analyses.base import RunContext
+from normscope.analyses.grads.options import LOSSES, REFERENCES, GradsOptions
+from normscope.core.capture import BatchContext, Capture, TokenMoments
+from normscope.core.errors import NormscopeError
+from normscope.core.nonfinite import flag_nonfinite, note_nonfinite, watch_residual
+from normscope.core.progress import progress_task as _task
+from normscope.core.sites import find_layout, find_norm_sites
+from normscope.core.text import TokenBatch
 from normscope.report import Figure, Result
-from normscope.sites import find_layout, find_norm_sites
-from normscope.text import TokenBatch
+from normscope.report.result import build_meta
 
-REFERENCES = [
-    "Li, Yin, Liu et al. 2024, Mix-LN: Unleashing the Power of Deeper Layers by Combining Pre-LN and Post-LN "
-    "(arXiv:2412.13795)",
-    "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (arXiv:2002.04745)",
-    "Sun, Yin, Li, Liu et al. 2025, The Curse of Depth in Large Language Models (arXiv:2502.05795)",
-    "Gao, Yao, Chen 2021, SimCSE: Simple Contrastive Learning of Sentence Embeddings (arXiv:2104.08821): the "
-    "two-view idea behind the masked-view loss used for encoders without a head",
-]
-LOSSES = ("auto", "next-token", "mlm", "masked-view")
 LOSS_NAMES = {
     "next-token": "next-token cross-entropy",
     "mlm": "masked-LM cross-entropy ({rate:.0%} of tokens replaced by [MASK])",
@@ -67,20 +60,23 @@ LOSS_NAMES = {
 }
 GROUPS = ("attention", "mlp", "norm", "embeddings", "unembedding", "other")
 
-
-@dataclass
-class GradsOptions:
-    """Settings of ``normscope grads``."""
-
-    loss: str = "auto"
-    """auto (next-token for causal LMs; mlm for encoders with an MLM head; masked-view otherwise), next-token,
-    mlm or masked-view."""
-    mask_rate: float = 0.15
-    """Share of (non-special) tokens replaced by [MASK] for the mlm and masked-view losses."""
-    seed: int = 0
-    """Seed of the masking (batch i uses seed * 1_000_003 + i)."""
-    include_controls: bool = False
-    """Keep the random / repeated-token control sequences of the built-in text."""
+AXES = {"blocks": "block", "residual": "point", "groups": "block"}  # each per-depth table: its depth column
+LABELS = {  # words for table and column names on pages and in compare
+    "blocks": "per block",
+    "residual": "per residual point",
+    "groups": "per parameter group",
+    "total": "||grad|| of the block's parameters",
+    "attention": "||grad|| of attention",
+    "mlp": "||grad|| of the MLP",
+    "norm": "||grad|| of the norms",
+    "param_norm": "||parameters||",
+    "grad_rest": "||dL/dh||, positions > 0",
+    "grad_pos0": "||dL/dh||, position 0",
+    "grad_norm": "||grad||",
+    "relative": "||grad|| / ||parameters||",
+    "point": "residual point",
+    "nonfinite_points": "hook points with inf/NaN",
+}
 
 
 # ---- pure functions -------------------------------------------------------------------------------------
@@ -274,7 +270,7 @@ class ResidualGrad:
 
     def __init__(self, point: int) -> None:
         self.point = point
-        self.moments = TokenMoments(token_l2)
+        self.moments = TokenMoments(lambda h: h.float().norm(dim=-1))  # [batch, pos] L2 per token
         self.scale = 1.0  # turns dL_mean/dh into dL_sum/dh (the number of loss terms in the whole text)
 
     def __call__(self, h: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
@@ -306,17 +302,18 @@ def _forward_loss(model: nn.Module, kind: str, b: TokenBatch, masked: torch.Tens
     return masked_view_loss(h[:n], h[n:], att).sum(), n, both
 
 
-def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: Any = None) -> GradProfile:
-    """One forward and one backward pass per batch; returns the gradient profile of ``lm`` on ``sample``."""
+def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: Any = None, *,
+            layout: Any = None, sites: list[Any] | None = None) -> GradProfile:
+    """One forward and one backward pass per batch; returns the gradient profile of ``lm`` on ``sample``.
+
+    ``layout`` and ``sites`` are probed here when not given (a RunContext has them already)."""
     opts = opts or GradsOptions()
     model = lm.model
-    layout = find_layout(model)
-    sites = find_norm_sites(model, layout)
+    layout = layout if layout is not None else find_layout(model)
+    sites = sites if sites is not None else find_norm_sites(model, layout)
     kind = choose_loss(lm, layout, opts.loss)
-    if not 0.0 < opts.mask_rate < 1.0:
-        raise NormscopeError(f"--mask-rate must be between 0 and 1, got {opts.mask_rate}.")
-    batches = text_batches(sample, opts.include_controls)
-    masker = _Masker(lm.tokenizer, opts.mask_rate, opts.seed)
+    batches = list(sample.iter_batches())
+    masker = _Masker(lm.tokenizer, opts.mask_rate, sample.seed)
     masks = (lambda b, i: masker(b, i)) if kind != "next-token" else (lambda b, i: None)
     units = [int(masks(b, i).sum()) if kind == "mlm" else _loss_units(kind, b) for i, b in enumerate(batches)]
     n_units = sum(units)
@@ -418,13 +415,14 @@ def thirds_ratio(values: pd.Series | np.ndarray) -> float:
     return float(np.nanmean(v[:k]) / np.nanmean(v[-k:]))
 
 
-def run(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: Any = None,
-        compare: tuple[Any, Any] | None = None) -> Result:
-    """Gradient profile of ``lm`` (and of ``compare = (lm_b, sample_b)`` on the same page, depth 0..1)."""
-    opts = opts or GradsOptions()
-    profiles = [measure(lm, sample, opts, progress)]
-    if compare is not None:
-        profiles.append(measure(compare[0], compare[1], opts, progress))
+def run(ctx: RunContext, opts: GradsOptions) -> Result:
+    """Gradient profile of ``ctx.lm``: L2 gradient norms per block and parameter group, and ||dL/dh||.
+
+    ``ctx`` carries the loaded model, its layout and norm sites (probed once) and the text sample; ``ctx.progress``
+    is the CLI's progress bar or None (silent).
+    """
+    lm, sample, progress = ctx.lm, ctx.sample, ctx.progress
+    profiles = [measure(lm, sample, opts, progress, layout=ctx.layout, sites=ctx.sites)]
     result = _build_result(lm, sample, opts, profiles)
     flag_nonfinite(result, nonfinite_report(profiles), _skipped_note(profiles))
     return result
@@ -457,16 +455,16 @@ def _build_result(lm: Any, sample: Any, opts: GradsOptions, profiles: list[GradP
     tables: dict[str, pd.DataFrame] = {}
     for k, p in enumerate(profiles):
         sfx = "" if k == 0 else "_compare"
-        tables[f"blocks{sfx}"] = p.blocks.assign(model=p.model)
-        tables[f"residual{sfx}"] = p.residual.assign(model=p.model, depth=p.residual["point"] / p.n_blocks)
-        tables[f"groups{sfx}"] = p.groups.assign(model=p.model)
+        tables[f"blocks{sfx}"] = p.blocks
+        tables[f"residual{sfx}"] = p.residual.assign(depth=p.residual["point"] / p.n_blocks)
+        tables[f"groups{sfx}"] = p.groups
     payload: dict[str, Any] = {"model": a.model, "profiles": [p.to_dict() for p in profiles],
                                "accumulation": "gradient of the mean loss over the whole text, accumulated in .grad "
                                                "over batches (one backward per batch)"}
     title = "Gradient flow per layer" + (f": {a.model} vs {profiles[1].model}" if len(profiles) > 1 else "")
     meta = build_meta(lm, sample, **opts.__dict__,
                       **({"compare": profiles[1].model} if len(profiles) > 1 else {}))
-    return Result(analysis="grads", title=title, meta=meta, payload=payload, tables=tables,
+    return Result(analysis="grads", title=title, meta=meta, payload=payload, tables=tables, axes=AXES, labels=LABELS,
                   figures=_figures(profiles), headlines=headlines, summary=_summary(profiles),
                   references=REFERENCES, timings={f"forward + backward, {p.model}": p.seconds for p in profiles})
 
@@ -553,3 +551,32 @@ def _figures(profiles: list[GradProfile]) -> list[Figure]:
             figs.append(Figure("Embeddings, final norm and head", fig,
                                "Tied embeddings collect the gradient of both the input and the output side."))
     return figs
+
+
+def terminal_table(result: Any) -> Any:
+    """The rich table the CLI prints after the run."""
+    from rich.table import Table
+
+    r = result  # a normscope.report.Result
+    profiles = r.payload["profiles"]
+    t = Table(title=f"grads: {' vs '.join(p['model'] for p in profiles)}", show_header=True)
+    t.add_column("block", justify="right")
+    for p in profiles:
+        tag = "" if len(profiles) == 1 else f" {p['model']}"
+        t.add_column(f"||grad||{tag}", justify="right")
+        if len(profiles) == 1:
+            for g in ("attention", "mlp", "norm"):
+                t.add_column(g, justify="right")
+        t.add_column(f"||dL/dh||{tag}", justify="right")
+    n = max(p["n_blocks"] for p in profiles)
+    for i in range(n):
+        cells = [str(i)]
+        for p in profiles:
+            b = p["blocks"][i] if i < p["n_blocks"] else None
+            res = p["residual"][i + 1] if i < p["n_blocks"] else None
+            cells.append("" if b is None else f"{b['total']:.3g}")
+            if len(profiles) == 1 and b is not None:
+                cells += [f"{b[g]:.3g}" if b[g] == b[g] else "" for g in ("attention", "mlp", "norm")]
+            cells.append("" if res is None else f"{res['grad_rest']:.3g}")
+        t.add_row(*cells)
+    return t

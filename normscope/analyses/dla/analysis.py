@@ -41,43 +41,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normscope.analysis import build_meta, flag_nonfinite, note_nonfinite, watch_residual
-from normscope.analysis import progress_task as _task
-from normscope.capture import BatchContext, Capture
-from normscope.errors import NormscopeError
+from normscope.analyses.base import RunContext
+from normscope.analyses.dla.options import REFERENCES, DlaOptions
+from normscope.core.capture import BatchContext, Capture
+from normscope.core.errors import NormscopeError
+from normscope.core.nonfinite import flag_nonfinite, note_nonfinite, watch_residual
+from normscope.core.progress import progress_task as _task
+from normscope.core.sites import find_layout, find_norm_sites
 from normscope.report import Figure, Result, heatmap_layer_head
-from normscope.sites import find_layout, find_norm_sites
+from normscope.report.result import build_meta
 
-REFERENCES = [
-    "Heimersheim 2024, You can remove GPT2's LayerNorm by fine-tuning (arXiv:2409.13710)",
-    "Baroni, Khara, Schaeffer, Subkhankulov, Heimersheim 2025, Transformers Don't Need LayerNorm at Inference "
-    "Time (arXiv:2507.02559); code submarat/removing-layer-norm",
-    "Elhage et al. 2021, A Mathematical Framework for Transformer Circuits (direct logit attribution)",
-    "Stolfo, Wu, Gurnee, Belinkov, Song, Sachan, Nanda 2024, Confidence Regulation Neurons in Language Models "
-    "(arXiv:2406.16254)",
-    "TransformerLens 4.x: TransformerBridge and ActivationCache (decompose_resid, stack_head_results, "
-    "apply_ln_to_stack, logit_attrs)",
-]
-
-BACKENDS = ("auto", "bridge", "direct")
-
-
-@dataclass
-class DlaOptions:
-    """Settings of ``normscope dla``."""
-
-    neurons: int = 5
-    """Entropy-neuron candidates of the last MLP to mean-ablate (0: skip)."""
-    backend: str = "auto"
-    """``bridge``: TransformerLens' TransformerBridge computes DLA; ``direct``: normscope's own hooks;
-    ``auto``: the bridge where it supports the model, else direct (with a note in the report)."""
-    scatter_points: int = 4000
-    """(component, token) pairs kept for the DLA-against-DE scatter plot."""
-    top_components: int = 15
-    """Components listed as the ones where the frozen scale misleads most."""
-    micro_batch_tokens: int = 512
-    """Tokens per forward pass of the bridge (its per-head stack holds heads x tokens x d_model floats)."""
-    seed: int = 0
+AXES = {"layers": "layer"}  # each per-depth table: its depth column
+LABELS = {
+    "layers": "per layer", "nmae_heads": "NMAE of the heads (%)", "nmae_mlp": "NMAE of the MLP (%)",
+    "nmae_all": "NMAE of all components (%)", "nonfinite_points": "hook points with inf/NaN",
+}
 
 
 # ---- pure metric functions -----------------------------------------------------------------------------
@@ -220,11 +198,13 @@ class _Plan:
     n_heads: int
 
 
-def plan_model(lm: Any) -> _Plan:
-    """Check that DLA is defined for the model and find its parts; every refusal is one clear line."""
-    model, info = lm.model, lm.info
-    layout = find_layout(model)
-    sites = find_norm_sites(model, layout)
+def plan_model(lm: Any, layout: Any = None, sites: list[Any] | None = None) -> _Plan:
+    """Check that DLA is defined for the model and find its parts; every refusal is one clear line.
+
+    ``layout`` and ``sites`` are probed here when not given (a RunContext has them already)."""
+    info = lm.info
+    layout = layout if layout is not None else find_layout(lm.model)
+    sites = sites if sites is not None else find_norm_sites(lm.model, layout)
     if not info.is_causal or not layout.is_causal:
         raise NormscopeError(f"{info.name} is an encoder: dla attributes next-token logits, so it needs a causal LM "
                              "(for example smollm2-135m or gpt2).")
@@ -343,21 +323,14 @@ class AttributionStats:
 
 
 # ---- the analysis -------------------------------------------------------------------------------------
-def run(lm: Any, sample: Any, opts: DlaOptions | None = None, progress: Any = None) -> Result:
+def run(ctx: RunContext, opts: DlaOptions) -> Result:
     """DLA against the direct effect for every head and MLP layer, and the entropy neurons of the last MLP.
 
-    ``lm`` is a :class:`normscope.models.LoadedModel`, ``sample`` a :class:`normscope.text.TextSample`. Passes:
-    one for the attributions (TransformerLens' bridge, or normscope's own hooks on the transformers model), and
-    one for the neuron ablations (each ablation only changes the final residual, so it needs the final norm and
-    the unembedding, not another forward pass per neuron). With the bridge, the first micro-batch is also run
-    through normscope's own hooks as a cross-check.
+    ``ctx`` carries the loaded model, its layout and norm sites (probed once) and the text sample; ``ctx.progress``
+    is the CLI's progress bar or None (silent).
     """
-    opts = opts or DlaOptions()
-    if opts.backend not in BACKENDS:
-        raise NormscopeError(f"--backend must be auto, bridge or direct, not '{opts.backend}'.")
-    if opts.neurons < 0:
-        raise NormscopeError(f"--neurons must be 0 or more, not {opts.neurons}.")
-    plan = plan_model(lm)
+    lm, sample, progress = ctx.lm, ctx.sample, ctx.progress
+    plan = plan_model(lm, ctx.layout, ctx.sites)
     n_layers, n_heads = plan.layout.n_layers, plan.n_heads
     timings: dict[str, float] = {}
     notes: list[str] = []
@@ -377,7 +350,7 @@ def run(lm: Any, sample: Any, opts: DlaOptions | None = None, progress: Any = No
         notes.append("The last MLP has no separable output projection, so entropy neurons were not measured.")
 
     n_pred = sum(int(_targets(b.input_ids, b.attention_mask)[0].sum()) for b in sample.iter_batches())
-    stats = AttributionStats(n_layers * (n_heads + 1), opts.scatter_points, n_pred, opts.seed)
+    stats = AttributionStats(n_layers * (n_heads + 1), opts.scatter_points, n_pred, sample.seed)
     totals = _Totals(len(top))
     bridge = None
     if opts.backend in ("auto", "bridge"):
@@ -820,6 +793,8 @@ def _build_result(lm: Any, sample: Any, opts: DlaOptions, plan: _Plan, main: Att
         meta=build_meta(lm, sample, **dict(opts.__dict__)),
         payload=payload,
         tables=tables,
+        axes=AXES,
+        labels=LABELS,
         figures=figures,
         headlines=headlines,
         summary=summary,
