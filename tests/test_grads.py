@@ -169,9 +169,9 @@ def test_masked_view_gradients_match_autograd() -> None:
     model = tiny_bert(n_layers=2)
     sample = _sample(n=4, frame=True)
     lm = _lm(model, causal=False)
-    prof = grads.measure(lm, sample, grads.GradsOptions(mask_rate=0.2, seed=5))
+    prof = grads.measure(lm, sample, grads.GradsOptions(mask_rate=0.2))  # masking seeded by the text seed
     assert prof.loss_kind == "masked-view" and "masked-view" in prof.loss_name
-    masker = grads._Masker(lm.tokenizer, 0.2, 5)
+    masker = grads._Masker(lm.tokenizer, 0.2, sample.seed)
     with torch.enable_grad():
         for p in model.parameters():
             p.requires_grad_(True)
@@ -205,9 +205,9 @@ def test_mlm_gradients_match_autograd() -> None:
         p.requires_grad_(False)
     sample = _sample(n=4, frame=True)
     lm = _lm(model, causal=False)
-    prof = grads.measure(lm, sample, grads.GradsOptions(seed=1))
+    prof = grads.measure(lm, sample, grads.GradsOptions())
     assert prof.loss_kind == "mlm"
-    masker = grads._Masker(lm.tokenizer, 0.15, 1)
+    masker = grads._Masker(lm.tokenizer, 0.15, sample.seed)
     with torch.enable_grad():
         for p in model.parameters():
             p.requires_grad_(True)
@@ -238,22 +238,26 @@ def test_choose_loss_refuses_what_a_model_cannot_do() -> None:
         grads.choose_loss(bert, lay_b, "mlm")
     with pytest.raises(NormscopeError, match="for encoders"):
         grads.choose_loss(llama, lay_l, "masked-view")
-    with pytest.raises(NormscopeError, match="--loss must be"):
+    with pytest.raises(NormscopeError, match="--loss must be one of"):
         grads.choose_loss(llama, lay_l, "bogus")
 
 
-def test_compare_puts_both_models_on_one_page(tmp_path) -> None:
-    from normscope.report import write_report
+def test_compare_overlays_both_models_gradient_curves() -> None:
+    from normscope.analyses.suite import compare_results
 
-    r = grads.run(_lm(tiny_llama(n_layers=4)), _sample(n=2), compare=(_lm(tiny_bert(n_layers=2), False),
-                                                                      _sample(n=2, frame=True)))
-    assert [p["loss_kind"] for p in r.payload["profiles"]] == ["next-token", "masked-view"]
-    depth_a, depth_b = r.tables["blocks"]["depth"], r.tables["blocks_compare"]["depth"]
-    assert np.allclose(depth_a, [0.125, 0.375, 0.625, 0.875]) and np.allclose(depth_b, [0.25, 0.75])
-    assert r.tables["residual_compare"]["depth"].tolist() == [0.0, 0.5, 1.0]
-    paths = write_report(r, tmp_path)
-    html = paths.html.read_text()
-    assert "normalised" in html and (tmp_path / "grads_blocks_compare.csv").exists()
+    a = grads.run(_lm(tiny_llama(n_layers=4)), _sample(n=2))
+    b = grads.run(_lm(tiny_bert(n_layers=2), False), _sample(n=2, frame=True))
+    assert a.payload["profiles"][0]["loss_kind"] == "next-token" and b.payload["profiles"][0]["loss_kind"] == \
+        "masked-view"
+    figs, deltas = compare_results("grads", a, b, "llama", "bert")
+    titles = [f.title for f in figs]
+    assert any("||grad|| of the block's parameters per block" in t for t in titles), titles
+    assert any("||dL/dh||, positions > 0" in t for t in titles), titles
+    # 4 vs 2 blocks: drawn on relative depth, deltas compare the means
+    fig = next(f.fig for f in figs if "||dL/dh||, positions > 0" in f.title)
+    assert fig.layout.xaxis.title.text.startswith("relative depth")
+    assert list(fig.data[0].x) == [0.0, 0.25, 0.5, 0.75, 1.0] and list(fig.data[1].x) == [0.0, 0.5, 1.0]
+    assert deltas["depth"].isna().all() and set(deltas["table"]) >= {"blocks", "residual"}
 
 
 # ---- the bundled models ----------------------------------------------------------------------------------
@@ -264,8 +268,8 @@ def test_pre_ln_smollm2_vs_post_ln_minilm(smollm2, minilm) -> None:
     opts = TextOptions(seq_len=64, max_tokens=256, batch_size=4, controls=False)
     s_a = load_text(smollm2.tokenizer, opts, max_positions=smollm2.info.max_positions)
     s_b = load_text(minilm.tokenizer, opts, max_positions=minilm.info.max_positions, is_causal=False)
-    r = grads.run(smollm2, s_a, compare=(minilm, s_b))
-    a, b = r.payload["profiles"]
+    a = grads.run(smollm2, s_a).payload["profiles"][0]
+    b = grads.run(minilm, s_b).payload["profiles"][0]
     assert a["loss_kind"] == "next-token" and 1.5 < a["loss"] < 5.0
     assert b["loss_kind"] == "masked-view" and 0.0 < b["loss"] < 1.0
     for m in (smollm2.model, minilm.model):  # shared fixtures left as found
@@ -303,9 +307,8 @@ def folders(tmp_path_factory):
             "bert": save_tiny(tiny_bert(n_layers=2), encoder_tokenizer(), root / "bert")}
 
 
-def test_cli_compare_writes_one_page(folders, tmp_path) -> None:
-    res = _cli(str(folders["llama"]), "--compare", str(folders["bert"]), "--seq-len", "16", "--max-tokens", "64",
-               "--out", str(tmp_path))
+def test_cli_writes_one_page(folders, tmp_path) -> None:
+    res = _cli(str(folders["llama"]), "--seq-len", "16", "--max-tokens", "64", "--out", str(tmp_path))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "grads.html").exists() and (tmp_path / "grads.json").exists()
     assert "||dL/dh||" in res.output  # the terminal summary table
@@ -314,11 +317,8 @@ def test_cli_compare_writes_one_page(folders, tmp_path) -> None:
 def test_cli_bad_input(folders) -> None:
     small = ("--seq-len", "16", "--max-tokens", "64")
     _assert_bad_input(_cli(str(folders["bert"]), "--loss", "next-token", *small), "causal LM")
-    _assert_bad_input(_cli(str(folders["llama"]), "--loss", "bogus", *small), "--loss must be")
-    _assert_bad_input(_cli(str(folders["llama"]), "--mask-rate", "1.5", "--loss", "auto", "--compare",
-                           str(folders["bert"]), *small), "--mask-rate")
-    _assert_bad_input(_cli(str(folders["llama"]), "--compare", str(folders["bert"]), "--loss", "next-token", *small),
-                      "--loss auto")
+    _assert_bad_input(_cli(str(folders["llama"]), "--loss", "bogus", *small), "--loss must be one of")
+    _assert_bad_input(_cli(str(folders["llama"]), "--mask-rate", "1.5", *small), "--mask-rate")
 
 
 def test_cli_model_without_blocks(tmp_path) -> None:

@@ -162,7 +162,7 @@ def _tiny_lm(model: torch.nn.Module) -> LoadedModel:
 
 
 OVERFLOW_RUNS = {
-    "depth": lambda lm, s: depth.run(lm, s, depth.DepthOptions(layers="0", window=1)),
+    "depth": lambda lm, s: depth.run(lm, s, depth.DepthOptions(skip_layers="0", window=1)),
     "hubness": lambda lm, s: hb.run(lm, s, hb.HubnessOptions(k=3)),
     "grads": lambda lm, s: grads.run(lm, s),
     "dla": lambda lm, s: dla.run(lm, s, dla.DlaOptions(backend="direct", neurons=2)),

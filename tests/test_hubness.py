@@ -164,15 +164,13 @@ def test_run_matches_hidden_states_and_logits() -> None:
     res = hb.run(lm, sample, hb.HubnessOptions(k=k, layers=[0, 1], top_hubs=5, memory_mb=0.6))
     pts = res.tables["points"]
     assert res.payload["n_passes"] > 1  # the memory cap split the points over several passes
-    # independent: hidden states from transformers itself, natural-text sequences only
+    # independent: hidden states from transformers itself, every sequence of the sample (controls included:
+    # the sample, not the analysis, decides what is measured)
     ids, hs, logits = [], [], []
     for b in sample.iter_batches():
-        keep = [i for i, c in enumerate(b.categories) if c not in hb.CONTROLS]
-        if not keep:
-            continue
         with torch.no_grad():
-            out = model(input_ids=b.input_ids[keep], output_hidden_states=True)
-        ids.append(b.input_ids[keep].flatten())
+            out = model(input_ids=b.input_ids, output_hidden_states=True)
+        ids.append(b.input_ids.flatten())
         hs.append([h.flatten(0, 1) for h in out.hidden_states])
         logits.append(out.logits.flatten(0, 1))
     hidden = [torch.cat([h[j] for h in hs]) for j in range(len(hs[0]))]
@@ -231,7 +229,7 @@ def test_cli_bad_k_and_report(tmp_path) -> None:
 
 def test_encoder_runs_without_the_unembedding_part() -> None:
     lm = tiny_lm(tiny_bert(), arch="bert", causal=False)
-    res = hb.run(lm, tiny_sample(n_tokens=256), hb.HubnessOptions(k=3, metrics=("cosine",)))
+    res = hb.run(lm, tiny_sample(n_tokens=256), hb.HubnessOptions(k=3, metric="cosine"))
     assert res.payload["context_unembedding"] is None
     assert len(res.tables["points"]) > 0
 

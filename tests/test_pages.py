@@ -21,7 +21,7 @@ TEXT = (
 
 # command -> (page written, arguments after the model folder; {root} and {tmp} are filled in)
 PAGES: dict[str, tuple[str, list[str]]] = {
-    "depth-curse": ("depth.html", ["--seq-len", "32", "--max-tokens", "256", "--layers", "0-1", "--window", "1"]),
+    "depth-curse": ("depth.html", ["--seq-len", "32", "--max-tokens", "256", "--skip-layers", "0-1", "--window", "1"]),
     "grads": ("grads.html", ["--seq-len", "16", "--max-tokens", "64"]),
     "hubness": ("hubness.html", ["--k", "3", "--max-tokens", "256", "--seq-len", "32"]),
     "dla": ("dla.html", ["--max-tokens", "128", "--seq-len", "32", "--neurons", "2"]),

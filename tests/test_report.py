@@ -20,7 +20,7 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs
 
-from normscope import report
+from normscope.core import io as atomic_io
 from normscope.report import (
     SCHEMA_VERSION,
     Figure,
@@ -38,6 +38,7 @@ from normscope.report import (
     to_jsonable,
     write_report,
 )
+from normscope.report import html as report_html
 
 HOSTILE = "</script><script>alert(1)</script><img src=x onerror=alert(2)>"
 
@@ -176,7 +177,7 @@ def test_to_jsonable_converts_numpy_torch_nan_and_containers() -> None:
 
 def test_result_json_layout_and_nan_to_null() -> None:
     d = make_result().to_json_dict()
-    assert list(d)[:4] == ["schema_version", "analysis", "meta", "headlines"]
+    assert list(d)[:6] == ["schema_version", "analysis", "title", "meta", "headlines", "summary"]
     assert d["schema_version"] == SCHEMA_VERSION and d["analysis"] == "sinks"
     assert d["sink_rate"] == pytest.approx(0.75) and d["shape"] == [4, 3]
     assert d["layers"][1] == {"layer": 1, "value": None}
@@ -238,7 +239,7 @@ def test_atomic_write_keeps_old_file_when_the_write_fails_midway(tmp_path: Path,
             seen.extend(temp_files(tmp_path))  # the partial temp file exists at this point
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    monkeypatch.setattr(atomic_io.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
     with pytest.raises(OSError, match="No space"):
         atomic_write_text(target, "NEW CONTENT " * 1000)
     assert len(seen) == 1 and seen[0].startswith(".report.html.")
@@ -256,7 +257,7 @@ def test_atomic_write_keeps_old_file_when_fsync_or_replace_fails(
     def boom(*args: object) -> None:
         raise OSError(f"simulated {fail_at} failure")
 
-    monkeypatch.setattr(report.os, fail_at, boom)
+    monkeypatch.setattr(atomic_io.os, fail_at, boom)
     with pytest.raises(OSError, match="simulated"):
         atomic_write_bytes(target, b"new data")
     assert target.read_bytes() == b"old"
@@ -318,8 +319,8 @@ def test_long_table_shows_first_rows_and_points_to_csv() -> None:
     page = render_html(res)
     table = page[page.index('id="table-big"') :]
     table = table[: table.index("</table>")]
-    assert table.count("<tr>") == 1 + report.MAX_TABLE_ROWS  # header + 50 rows
-    assert f"First {report.MAX_TABLE_ROWS} of 120 rows; full table in" in page and "sinks_big.csv" in page
+    assert table.count("<tr>") == 1 + report_html.MAX_TABLE_ROWS  # header + 50 rows
+    assert f"First {report_html.MAX_TABLE_ROWS} of 120 rows; full table in" in page and "sinks_big.csv" in page
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -420,7 +421,7 @@ def test_settings_fallbacks_and_visible_whitespace() -> None:
     res = Result("sinks", "T", meta, {}, tables={"t": pd.DataFrame({"token": [" ", "\n", "a"]})})
     page = render_html(res)
     assert "<dt>Model</dt><dd>plain-model-name</dd>" in page and "<dt>Seed</dt><dd>7</dd>" in page
-    assert "<dt>Revision</dt><dd>\u2014</dd>" in page  # missing values show as a dash
+    assert "<dt>Revision</dt>" not in page  # a setting the page does not have gets no row, not a dash
     assert "<th>settings.eps</th>" in page and "settings.seed" not in page
     assert "<td>&#x27; &#x27;</td>" in page and "<td>&#x27;\\n&#x27;</td>" in page
 

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from normscope.analyses import suite
+from normscope.analyses import REGISTRY, RunContext, suite
+from normscope.analyses.base import parse_only
 from normscope.cli import app
 from normscope.core.errors import NormscopeError
 from normscope.report import Result
@@ -28,10 +29,10 @@ def dirs(tmp_path_factory):
 
 
 def test_parse_only() -> None:
-    assert suite.parse_only(None) == list(suite.ANALYSES)
-    assert suite.parse_only("depth, sinks,depth") == ["depth", "sinks"]
+    assert parse_only(None) == list(REGISTRY)
+    assert parse_only("depth, sinks,depth-curse") == ["depth", "sinks"]  # a command name works too
     with pytest.raises(NormscopeError, match="Unknown analysis"):
-        suite.parse_only("sinks,bogus")
+        parse_only("sinks,bogus")
 
 
 def test_relative_depth() -> None:
@@ -39,18 +40,30 @@ def test_relative_depth() -> None:
     assert suite.relative_depth(pd.Series([5])).tolist() == [0.0]
 
 
-def _result(values: list[float]) -> Result:
-    df = pd.DataFrame({"layer": range(len(values)), "norm": values, "name": ["x"] * len(values)})
-    return Result(analysis="depth", title="t", meta={}, payload={}, tables={"layers": df}, headlines={"g": 1.0})
+def _result(values: list[float], analysis: str = "depth") -> Result:
+    """A result shaped like depth's: a per-block table whose depth axis is declared, with a text column."""
+    df = pd.DataFrame({"block": range(len(values)), "rel_update": values, "where": [f"b{i}" for i in
+                                                                                   range(len(values))]})
+    return Result(analysis=analysis, title="t", meta={}, payload={}, tables={"blocks": df}, headlines={"g": 1.0},
+                  axes={"blocks": "block"}, labels={"rel_update": "relative update"})
 
 
 def test_compare_results_same_and_different_depth() -> None:
     figs, df = suite.compare_results("depth", _result([1.0, 2.0]), _result([1.5, 2.5]), "A", "B")
-    assert len(figs) == 1 and df["delta"].tolist() == [0.5, 0.5] and df["layer"].tolist() == [0, 1]
+    assert len(figs) == 1 and df["delta"].tolist() == [0.5, 0.5] and df["depth"].tolist() == [0, 1]
+    assert df["relative_delta"].tolist() == [0.5, 0.25]
+    assert figs[0].title == "depth-curse: relative update, by block (blocks)"  # words, not JSON paths
+    assert figs[0].fig.layout.xaxis.title.text == "block"
     figs, df = suite.compare_results("depth", _result([1.0, 3.0]), _result([1.0, 2.0, 3.0]), "A", "B")
     x_b = figs[0].fig.data[1].x
-    assert list(x_b) == [0.0, 0.5, 1.0]  # relative depth when the layer counts differ
+    assert list(x_b) == [0.0, 0.5, 1.0]  # relative depth when the block counts differ
     assert len(df) == 1 and df["delta"].iloc[0] == pytest.approx(0.0)
+
+
+def test_compare_ignores_tables_without_a_declared_axis() -> None:
+    a, b = _result([1.0, 2.0]), _result([1.5, 2.5])
+    a.axes, b.axes = {}, {}
+    assert suite.compare_results("depth", a, b, "A", "B")[0] == []
 
 
 def test_report_runs_several_analyses_with_one_load(dirs, tmp_path) -> None:
@@ -70,7 +83,7 @@ def test_suite_skips_dla_for_encoders_with_a_reason() -> None:
     from tests.tiny import tiny_bert
 
     lm = _tiny_lm(tiny_bert(), causal=False)
-    runs = suite.run_analyses(lm, sample_from_ids(_rows(2, 8), ["x"] * 2), ["sinks", "dla"])
+    runs = suite.run_suite(RunContext.build(lm, sample_from_ids(_rows(2, 8), ["x"] * 2)), ["sinks", "dla"])
     assert runs[0].result is not None and runs[0].error is None
     assert runs[1].result is None and "causal" in runs[1].error
 
@@ -83,7 +96,7 @@ def test_compare_different_depths(dirs, tmp_path) -> None:
     data = json.loads((out / "compare.json").read_text())
     assert data["same_depth"] is False
     assert data["headline_deltas"] and data["layer_deltas"]
-    assert all(r["layer"] is None for r in data["layer_deltas"])
+    assert all(r["depth"] is None for r in data["layer_deltas"])
 
 
 def test_compare_and_index_render_in_chromium(dirs, tmp_path) -> None:
@@ -113,18 +126,13 @@ def test_same_seed_gives_byte_identical_json(dirs, tmp_path) -> None:
     assert outs[0] == outs[1]
 
 
-def test_depth_layers_limits_the_skip_passes_of_report(dirs, tmp_path) -> None:
-    assert suite.depth_overrides(None) == {}
-    assert suite.depth_overrides("none") == {"depth": {"skip": False}}
-    assert suite.depth_overrides("0,2") == {"depth": {"layers": "0,2"}}
-    with pytest.raises(NormscopeError):
-        suite.depth_overrides("2-x")
+def test_report_carries_each_analysis_options_under_its_name(dirs, tmp_path) -> None:
     out = tmp_path / "rep"
-    res = runner.invoke(app, ["report", str(dirs["llama3"]), "--only", "depth", "--depth-layers", "1",
+    res = runner.invoke(app, ["report", str(dirs["llama3"]), "--only", "depth", "--depth-skip-layers", "1",
                               "--seq-len", "16", "--max-tokens", "128", "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "depth.json").read_text())["skip_layers"] == [1]
-    res = runner.invoke(app, ["report", str(dirs["llama3"]), "--only", "depth", "--depth-layers", "0-x",
+    res = runner.invoke(app, ["report", str(dirs["llama3"]), "--only", "depth", "--depth-skip-layers", "0-x",
                               "--out", str(tmp_path / "bad")])
-    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output and "--depth-skip-layers" in res.output
     assert not (tmp_path / "bad").exists()  # refused before loading anything

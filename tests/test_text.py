@@ -394,7 +394,7 @@ def test_builtin_documents_are_varied_and_sized() -> None:
 
 def test_builtin_windows_and_controls(bpe_tok) -> None:
     docs = prompts.builtin_documents()
-    s = load_text(bpe_tok, TextOptions(seq_len=64, max_tokens=10**6, seed=3))
+    s = load_text(bpe_tok, TextOptions(seq_len=64, max_tokens=10**6, seed=3, controls=True))
     rows, cats = _all_rows(s), _all_cats(s)
     expect: list[list[int]] = []
     for d in docs:
@@ -410,17 +410,17 @@ def test_builtin_windows_and_controls(bpe_tok) -> None:
     assert all(len(set(r.tolist())) == 1 for r in ctrl[4:])  # one token repeated
     assert len({int(r[0]) for r in ctrl[4:]}) == 4
     assert all(len(set(r.tolist())) > 40 for r in ctrl[:4])  # random: nearly all distinct
-    no_ctrl = load_text(bpe_tok, TextOptions(seq_len=64, max_tokens=10**6, controls=False))
+    no_ctrl = load_text(bpe_tok, TextOptions(seq_len=64, max_tokens=10**6))  # the default: no controls
     assert "random" not in no_ctrl.categories and no_ctrl.n_sequences == n_text
-    small = load_text(bpe_tok, TextOptions(seq_len=64, max_tokens=64 * 16))
+    small = load_text(bpe_tok, TextOptions(seq_len=64, max_tokens=64 * 16, controls=True))
     assert small.n_sequences == 16 and small.categories["random"] == 2 and small.categories["repeated"] == 2
     assert small.truncated
 
 
 def test_determinism_and_seed(bpe_tok) -> None:
-    a = load_text(bpe_tok, TextOptions(seed=0))
-    b = load_text(bpe_tok, TextOptions(seed=0))
-    c = load_text(bpe_tok, TextOptions(seed=1))
+    a = load_text(bpe_tok, TextOptions(seed=0, controls=True))
+    b = load_text(bpe_tok, TextOptions(seed=0, controls=True))
+    c = load_text(bpe_tok, TextOptions(seed=1, controls=True))
     ra, rb, rc = _all_rows(a), _all_rows(b), _all_rows(c)
     assert torch.equal(ra, rb) and _all_cats(a) == _all_cats(b) and a.to_dict() == b.to_dict()
     is_rand = torch.tensor([x == "random" for x in _all_cats(a)])
@@ -464,15 +464,17 @@ def smol_tok(smollm2):
 @pytest.mark.slow
 def test_builtin_set_with_smollm2_tokenizer(smol_tok) -> None:
     assert not text.tokenizer_adds_bos(smol_tok)  # SmolLM2 adds no BOS: auto keeps position 0 a real word
-    s = load_text(smol_tok, TextOptions())
+    s = load_text(smol_tok, TextOptions(max_tokens=16384, controls=True))
     assert s.n_sequences == 256 and s.n_tokens == 16384 and not s.bos_prepended
     assert all(s.categories[c] >= 20 for c in prompts.CATEGORIES)
     assert s.categories["random"] == 4 and s.categories["repeated"] == 4
+    default = load_text(smol_tok, TextOptions())  # every command's default: 2,048 tokens at T = 64, no controls
+    assert default.n_tokens == 2048 and default.n_sequences == 32 and set(default.categories) <= set(prompts.CATEGORIES)
     first = prompts.builtin_documents()[0].text
     assert s.batches[0].input_ids[0].tolist() == smol_tok(first, add_special_tokens=False)["input_ids"][:64]
-    full = load_text(smol_tok, TextOptions(max_tokens=10**6))
+    full = load_text(smol_tok, TextOptions(max_tokens=10**6, controls=True))
     assert full.n_sequences - 8 >= 128 and full.n_documents_dropped == 0
-    long = load_text(smol_tok, TextOptions(seq_len=128, max_tokens=10**6))
+    long = load_text(smol_tok, TextOptions(seq_len=128, max_tokens=10**6, controls=True))
     assert long.n_sequences - 8 >= 100
     special = prompts.special_token_ids(smol_tok)
     assert len(special) >= 3 and smol_tok.bos_token_id in special
@@ -488,7 +490,8 @@ def test_builtin_set_with_smollm2_tokenizer(smol_tok) -> None:
 def test_real_bert_tokenizer_frames_windows(minilm) -> None:
     tok, info = minilm.tokenizer, minilm.info
     assert not info.is_causal and info.max_positions == 512
-    s = load_text(tok, TextOptions(seq_len=64), max_positions=info.max_positions, is_causal=info.is_causal)
+    s = load_text(tok, TextOptions(seq_len=64, max_tokens=16384, controls=True), max_positions=info.max_positions,
+                  is_causal=info.is_causal)
     rows = _all_rows(s)  # [n, 64]
     assert s.specials == "cls+sep" and s.n_sequences >= 200 and s.categories["repeated"] == 4
     assert (rows[:, 0] == tok.cls_token_id).all() and (rows[:, -1] == tok.sep_token_id).all()

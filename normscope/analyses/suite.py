@@ -61,18 +61,31 @@ def relative_depth(values: pd.Series | np.ndarray) -> np.ndarray:
 
 
 def _series(df: pd.DataFrame, axis: str) -> list[str]:
-    """The text columns that split a depth table into curves (e.g. hubness' point kind and metric)."""
-    out = []
+    """The text columns that split a depth table into curves with one row per depth each (hubness' point
+    kind and metric, depth's site role); none when the depth column is already unique."""
+    if df[axis].dropna().is_unique:
+        return []
+    candidates = []
     for c in df.columns:
         if c == axis or pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]):
             continue
-        if df[c].nunique(dropna=False) <= MAX_SERIES:
-            out.append(c)
-    return out
+        try:
+            n = df[c].nunique(dropna=False)
+        except TypeError:  # lists in the cells
+            continue
+        if 1 < n <= MAX_SERIES:
+            candidates.append((n, c))
+    keys: list[str] = []
+    for _, c in sorted(candidates):  # the coarsest split first: role before site name
+        keys.append(c)
+        if not df.dropna(subset=[axis]).duplicated(subset=[*keys, axis]).any():
+            break
+    return keys
 
 
 def _curves(df: pd.DataFrame, axis: str, keys: list[str]) -> dict[str, pd.DataFrame]:
-    """One depth-sorted frame per series (``""`` when the table has one row per depth)."""
+    """One depth-sorted frame per series (``""`` when the table has one row per depth); rows off the axis dropped."""
+    df = df.dropna(subset=[axis])
     if not keys:
         return {"": df.sort_values(axis)}
     return {" / ".join(map(str, k if isinstance(k, tuple) else (k,))): g.sort_values(axis)
@@ -144,7 +157,9 @@ def compare_results(name: str, a: Result, b: Result, label_a: str, label_b: str)
             fig.update_layout(xaxis_title=a.label(axis) if same_all else "relative depth (0 = first, 1 = last)",
                               yaxis_title=what + (" (log scale)" if log else ""),
                               yaxis_type="log" if log else "linear", legend={"orientation": "h", "y": -0.2})
-            title = f"{get_title(name)}: {what} per {a.label(axis)} ({a.label(tname)})"
+            table = a.label(tname)
+            title = f"{get_title(name)}: {what}, by {a.label(axis)}" + (
+                "" if table == f"per {a.label(axis)}" else f" ({table})")
             figs.append(Figure(title, fig, f"Solid: {label_a}; dotted: {label_b}. Where the curves part is where the "
                                            f"two models differ in {what}."))
     cols_out = ["analysis", "table", "series", "column", "depth", "a", "b", "delta", "relative_delta"]
@@ -190,7 +205,7 @@ def compare(lm_a: Any, sample_a: Any, runs_a: list[SuiteRun], lm_b: Any, sample_
         for k, va in ra.result.headlines.items():
             vb = rb.result.headlines.get(k)
             if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
-                rel = (vb - va) / abs(va) if va else None
+                rel = (vb - va) / abs(va) if va else float("nan")
                 head_rows.append({"analysis": ra.name, "headline": ra.result.label(k), "a": va, "b": vb,
                                   "delta": vb - va, "relative_delta": rel})
     if not figures and not head_rows:

@@ -11,6 +11,7 @@ blocks is known. Both raise :class:`NormscopeError` with one sentence naming the
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from normscope.core.errors import NormscopeError
 
@@ -33,15 +34,22 @@ def _parts(spec: str, flag: str) -> list[tuple[int, int]]:
     return out
 
 
-def check_syntax(spec: str | None, flag: str = "--layers") -> None:
+def _as_text(spec: str | Sequence[int] | None) -> str | None:
+    """The Python API may give block indices as a list: the same grammar, written out."""
+    return ",".join(str(int(v)) for v in spec) if isinstance(spec, (list, tuple)) else spec
+
+
+def check_syntax(spec: str | Sequence[int] | None, flag: str = "--layers") -> None:
     """Refuse a malformed spec before anything loads (the block count is checked by :func:`parse_layers`)."""
+    spec = _as_text(spec)
     if spec is None or spec.strip().lower() in ("all", "none", ""):
         return
     _parts(spec, flag)
 
 
-def parse_layers(spec: str | None, n_layers: int, flag: str = "--layers") -> list[int] | None:
+def parse_layers(spec: str | Sequence[int] | None, n_layers: int, flag: str = "--layers") -> list[int] | None:
     """Sorted unique block indices of ``spec``; None for no spec (the caller's default), [] for ``none``."""
+    spec = _as_text(spec)
     if spec is None or not spec.strip():
         return None
     word = spec.strip().lower()

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,15 @@ def validate(obj: Any, prefix: str = "") -> None:
                 raise NormscopeError(f"{flag_name(f, prefix)} must be {_fmt_range(dict(m))}, got {v:g}.")
     check = getattr(obj, "check", None)
     if callable(check):
-        check()
+        try:
+            check()
+        except NormscopeError as exc:
+            if not prefix:
+                raise
+            msg = str(exc)
+            for f in dataclasses.fields(obj):  # name the flags as this command spells them (--depth-skip-layers)
+                msg = re.sub(rf"(?<![\w-]){re.escape(flag_name(f))}(?![\w-])", flag_name(f, prefix), msg)
+            raise NormscopeError(msg) from None
 
 
 def build(cls: type, values: dict[str, Any], *, what: str) -> Any:

@@ -82,7 +82,7 @@ def render_html(result: Result) -> str:
     if result.tables:
         parts.append("<section><h2>Tables</h2>\n")
         for name, df in result.tables.items():
-            parts.append(_table_html(df, name, csv_name(result.analysis, name)))
+            parts.append(_table_html(df, name, csv_name(result.analysis, name), result.label(name)))
         parts.append("</section>\n")
     if result.references:
         refs = "\n".join(f"<li>{e(r)}</li>" for r in result.references)
@@ -320,7 +320,7 @@ def _figure_html(f: Figure, index: int, include_plotlyjs: bool) -> str:
     )
 
 
-def _table_html(df: pd.DataFrame, name: str, csv_file: str) -> str:
+def _table_html(df: pd.DataFrame, name: str, csv_file: str, title: str | None = None) -> str:
     e = _esc
     show_index = not _is_default_index(df.index)
     head = df.head(MAX_TABLE_ROWS)
@@ -345,7 +345,7 @@ def _table_html(df: pd.DataFrame, name: str, csv_file: str) -> str:
     else:
         note = f"{n:,} row{'s' if n != 1 else ''}; full table in {link}."
     return (
-        f'<div class="table" id="table-{e(name)}"><h3>{e(name)}</h3>\n'
+        f'<div class="table" id="table-{e(name)}"><h3>{e(title or name)}</h3>\n'
         f'<div class="scroll"><table class="data"><thead><tr>{"".join(ths)}</tr></thead>\n<tbody>\n'
         + "\n".join(body)
         + f'\n</tbody></table></div>\n<p class="note">{note}</p></div>\n'
