@@ -177,7 +177,7 @@ def test_to_jsonable_converts_numpy_torch_nan_and_containers() -> None:
 
 def test_result_json_layout_and_nan_to_null() -> None:
     d = make_result().to_json_dict()
-    assert list(d)[:6] == ["schema_version", "analysis", "title", "meta", "headlines", "summary"]
+    assert list(d)[:7] == ["schema_version", "analysis", "title", "meta", "headlines", "labels", "summary"]
     assert d["schema_version"] == SCHEMA_VERSION and d["analysis"] == "sinks"
     assert d["sink_rate"] == pytest.approx(0.75) and d["shape"] == [4, 3]
     assert d["layers"][1] == {"layer": 1, "value": None}

@@ -332,8 +332,9 @@ def test_a_model_without_norms_or_blocks_is_a_clear_error() -> None:
 def test_format_sites_table() -> None:
     sites = find_norm_sites(ARCHITECTURES["gemma2"]())
     table = format_sites_table(sites, title="tiny gemma2")
-    assert [c.header for c in table.columns] == [
-        "name", "layer", "role", "kind", "eps", "gain offset", "bias", "path", "class"]
+    # kind, eps, gain offset, bias and class are the same for every site: they move to the caption
+    assert [c.header for c in table.columns] == ["name", "layer", "role", "path"]
+    assert table.caption == "every site: kind rmsnorm, eps 1e-06, gain offset 1, bias no, class Gemma2RMSNorm"
     assert table.row_count == len(sites) == 9
     out = io.StringIO()
     Console(file=out, width=220).print(table)
@@ -341,8 +342,11 @@ def test_format_sites_table() -> None:
     assert "blocks.1.ln2_post" in text and "model.layers.1.post_feedforward_layernorm" in text
     assert "Gemma2RMSNorm" in text and "1e-06" in text
     narrow = io.StringIO()
-    Console(file=narrow, width=80).print(table)  # a narrow console keeps names and roles whole
+    Console(file=narrow, width=80).print(table)  # a narrow console keeps names, roles and paths whole
     assert "blocks.1.ln2_post" in narrow.getvalue() and "post_mlp" in narrow.getvalue()
+    assert "model.layers.1.post_" in narrow.getvalue()  # the path folds, but is there
+    mixed = format_sites_table(find_norm_sites(ARCHITECTURES["gpt2"]()))  # one column kept when values differ
+    assert "path" in [c.header for c in mixed.columns]
 
 
 # ---- tests.tiny helpers ---------------------------------------------------------------------------------

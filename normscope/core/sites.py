@@ -478,17 +478,24 @@ def find_norm_sites(model: nn.Module, layout: ModelLayout | None = None) -> list
 def format_sites_table(sites: list[NormSite], title: str | None = None) -> Table:
     """A rich table for ``normscope sites``: name, layer, role, kind, eps, gain offset, bias, path, class.
 
-    On a narrow console the path and class columns fold onto more lines; the others keep their width.
+    Columns with one value for every site (kind, eps, class on most models) move to the caption, so that the
+    table fits 80 columns; on a narrow console the path folds onto more lines, the others keep their width.
     """
+    cols = ("name", "layer", "role", "kind", "eps", "gain offset", "bias", "path", "class")
     rows = [[s.name, "" if s.layer is None else str(s.layer), s.role, s.kind, f"{s.eps:g}",
              f"{s.gain_offset:g}", "yes" if s.has_bias else "no", s.path, type(s.module).__name__]
             for s in sites]
-    table = Table(title=title, header_style="bold")
-    for j, col in enumerate(("name", "layer", "role", "kind", "eps", "gain offset", "bias", "path", "class")):
+    same = [j for j, c in enumerate(cols) if c in ("kind", "eps", "gain offset", "bias", "class") and len(rows) > 1
+            and len({r[j] for r in rows}) == 1]
+    caption = ("every site: " + ", ".join(f"{cols[j]} {rows[0][j]}" for j in same)) if same else None
+    table = Table(title=title, header_style="bold", caption=escape(caption) if caption else None)
+    keep = [j for j in range(len(cols)) if j not in same]
+    for j in keep:
+        col = cols[j]
         fold = col in ("path", "class")
         width = None if fold else max([len(col)] + [len(r[j]) for r in rows])
         table.add_column(col, justify="right" if col in ("layer", "eps", "gain offset") else "left",
                          min_width=width, no_wrap=not fold, overflow="fold")
     for r in rows:
-        table.add_row(*(escape(c) for c in r))
+        table.add_row(*(escape(r[j]) for j in keep))
     return table

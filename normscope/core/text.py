@@ -62,7 +62,8 @@ class TextSample:
     categories: dict[str, int]  # sequences per category, in order of first appearance
     specials: str = "none"  # "bos", "cls+sep" or "none"
     n_documents: int = 0  # documents read (controls not included)
-    n_documents_dropped: int = 0  # documents shorter than one window
+    n_documents_dropped: int = 0  # documents shorter than one window that no packed window took
+    n_documents_packed: int = 0  # short documents packed together into "packed" windows
     bytes_read: int = 0  # text bytes read from files (0 for the built-in set and datasets)
     truncated: bool = False  # reading stopped because max_tokens was reached
     files: list[str] = field(default_factory=list)  # file names relative to the folder given (no abs paths)
@@ -88,6 +89,7 @@ class TextSample:
             "categories": dict(self.categories),
             "n_documents": self.n_documents,
             "n_documents_dropped": self.n_documents_dropped,
+            "n_documents_packed": self.n_documents_packed,
             "bytes_read": self.bytes_read,
             "truncated": self.truncated,
             "files": list(self.files),
@@ -196,6 +198,9 @@ class _Collector:
 class _Stats:
     n_documents: int = 0
     n_dropped: int = 0
+    n_packed: int = 0
+    pack: list[int] = field(default_factory=list)  # tokens of short documents waiting to fill a window
+    pack_docs: int = 0  # documents in ``pack``
     longest: int = 0  # most tokens seen in one document
     bytes_read: int = 0
 
@@ -235,8 +240,30 @@ def _window_document(
         if close is not None:
             close()  # a streamed file stops being read here
     stats.longest = max(stats.longest, n_tok)
-    if produced == 0:
-        stats.n_dropped += 1
+    if produced == 0 and buf:
+        _pack(buf, tokenizer, specials, text_len, collector, stats)
+
+
+PACKED = "packed"  # the category of windows made of several short documents
+
+
+def _pack(ids: list[int], tokenizer: Any, specials: _Specials, text_len: int, collector: _Collector,
+          stats: _Stats) -> None:
+    """Add a document shorter than one window to the pack of short documents, separated by EOS where the
+    tokenizer has one; every full window of the pack becomes a sequence of category ``packed`` (a folder of
+    one-line files is still text). Documents of an unfinished pack count as dropped until a window takes them."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if stats.pack and eos is not None:
+        stats.pack.append(int(eos))
+    stats.pack.extend(ids)
+    stats.pack_docs += 1
+    stats.n_dropped += 1
+    while len(stats.pack) >= text_len and not collector.full:
+        collector.add(list(specials.prefix) + stats.pack[:text_len] + list(specials.suffix), PACKED)
+        del stats.pack[:text_len]
+        stats.n_packed += stats.pack_docs  # a document cut in two counts once, in its first window
+        stats.n_dropped -= stats.pack_docs
+        stats.pack_docs = 0
 
 
 def _whitespace_run_start(text: str) -> int:
@@ -599,6 +626,7 @@ def load_text(
         specials=specials.label,
         n_documents=stats.n_documents,
         n_documents_dropped=stats.n_dropped,
+        n_documents_packed=stats.n_packed,
         bytes_read=stats.bytes_read,
         truncated=truncated,
         files=files,

@@ -70,7 +70,7 @@ def render_html(result: Result) -> str:
     )
     parts.append(_settings_html(result.meta))
     if result.headlines:
-        parts.append(_headlines_html(result.headlines))
+        parts.append(_headlines_html(result.headlines, result.labels))
     if result.summary:
         paras = "\n".join(f"<p>{e(p)}</p>" for p in result.summary)
         parts.append(f'<section class="summary"><h2>Interpretation</h2>\n{paras}\n</section>\n')
@@ -281,11 +281,13 @@ def _flatten(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tup
             yield key, v
 
 
-def _headlines_html(headlines: Mapping[str, Any]) -> str:
+def _headlines_html(headlines: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
+    """The headline cards: the value, and the headline's words (its label, else the key with spaces)."""
     e = _esc
+    labels = labels or {}
     cards = "\n".join(
         f'<div class="card" title="{e(k)}"><div class="value">{e(fmt_value(v))}</div>'
-        f'<div class="label">{e(str(k).replace("_", " "))}</div></div>'
+        f'<div class="label">{e(labels.get(str(k)) or str(k).replace("_", " "))}</div></div>'
         for k, v in headlines.items()
     )
     return f'<section class="cards" aria-label="Headline numbers">\n{cards}\n</section>\n'

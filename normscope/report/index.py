@@ -34,6 +34,7 @@ class IndexEntry:
     seconds: float | None = None
     error: str | None = None  # one line: why this analysis was skipped or failed
     note: str = ""  # plain remark shown instead of headlines (e.g. for the model-load row)
+    labels: dict[str, str] = field(default_factory=dict)  # words for the headline keys
 
 
 def render_index(title: str, meta: dict[str, Any], entries: Sequence[IndexEntry]) -> str:
@@ -45,7 +46,7 @@ def render_index(title: str, meta: dict[str, Any], entries: Sequence[IndexEntry]
     for en in entries:
         head = f'<a href="{e(en.href)}">{e(en.title)}</a>' if en.href else e(en.title)
         body = (
-            _headlines_html(en.headlines) + (f"<p>{e(en.summary)}</p>" if en.summary else "")
+            _headlines_html(en.headlines, en.labels) + (f"<p>{e(en.summary)}</p>" if en.summary else "")
             if en.error is None
             else f'<p class="note">Not run: {e(en.error)}</p>'
         )
@@ -120,7 +121,8 @@ def refresh_index(folder: Path, not_run: dict[str, str] | None = None) -> Path:
         summary = d.get("summary") or []
         entries.append(IndexEntry(str(d["analysis"]), str(d.get("title") or d["analysis"]), href,
                                   dict(d.get("headlines") or {}), str(summary[0]) if summary else "",
-                                  note=text_line((d.get("meta") or {}).get("text"))))
+                                  note=text_line((d.get("meta") or {}).get("text")),
+                                  labels=dict(d.get("labels") or {})))
     for name, why in (not_run or {}).items():
         entries.append(IndexEntry(name, name, None, error=why))
     models = list(dict.fromkeys(_model_name(d.get("meta") or {}) for d, _ in found))

@@ -13,7 +13,7 @@ import pandas as pd
 
 from normscope.report.jsonio import SCHEMA_VERSION, to_jsonable
 
-_RESERVED_JSON_KEYS = ("schema_version", "analysis", "title", "meta", "headlines", "summary")
+_RESERVED_JSON_KEYS = ("schema_version", "analysis", "title", "meta", "headlines", "labels", "summary")
 
 if TYPE_CHECKING:  # plotly is imported lazily: `import normscope.report` stays cheap
     import plotly.graph_objects as go
@@ -67,7 +67,8 @@ class Result:
         return write_report(self, Path(out_dir))
 
     def to_json_dict(self) -> dict[str, Any]:
-        """``{"schema_version", "analysis", "title", "meta", "headlines", "summary", **payload}`` as plain JSON.
+        """``{"schema_version", "analysis", "title", "meta", "headlines", "labels", "summary", **payload}`` as JSON
+        (``labels``: the words for the headline keys that have them).
 
         Raises ValueError when the payload reuses one of the four reserved keys (a programming error).
         """
@@ -80,6 +81,7 @@ class Result:
             "title": self.title,
             "meta": self.meta,
             "headlines": self.headlines,
+            "labels": {str(k): self.labels[str(k)] for k in self.headlines if str(k) in self.labels},
             "summary": self.summary,
         }
         out.update(self.payload)
