@@ -8,6 +8,20 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# `make test` sets NORMSCOPE_STRICT=1 once it has installed Chromium, Playwright and TransformerLens: on such a
+# machine a browser or TransformerLens test that skips is a failure, not a pass.
+STRICT = os.environ.get("NORMSCOPE_STRICT") == "1"
+MISSING = ("not installed", "could not import", "No module named")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped and any(m in str(report.longrepr) for m in MISSING):
+        report.outcome = "failed"
+        report.longrepr = f"skipped on a machine where `make test` installed it (NORMSCOPE_STRICT=1): {report.longrepr}"
+
 
 @pytest.fixture(scope="session")
 def smollm2():

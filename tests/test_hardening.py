@@ -131,6 +131,9 @@ def test_concurrent_writers_never_leave_a_torn_file(tmp_path) -> None:
     for t in threads:
         t.join()
     assert not errors
+    assert seen and seen <= {1, 2}  # the reader really read whole files while both wrote
+    final = json.loads((tmp_path / "sinks.json").read_text())
+    assert set(final["big"]) == {final["tag"]} and final["tag"] in (1, 2)
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or p.startswith("tmp")]
 
 

@@ -25,7 +25,8 @@ from normscope.core.errors import NormscopeError
 
 if TYPE_CHECKING:
     from normscope.core.models import LoadedModel
-    from normscope.core.sites import Layout, NormSite
+    from normscope.core.sites import ModelLayout as Layout
+    from normscope.core.sites import NormSite
     from normscope.core.text import TextSample
     from normscope.report.result import Result
 
@@ -62,7 +63,8 @@ class AnalysisSpec(Generic[OptionsT]):
 
     def make_options(self, **values: Any) -> OptionsT:
         """The options dataclass from keyword values, unknown names and bad values refused in one line."""
-        return _options.build(self.options, values, what=self.name)  # type: ignore[no-any-return]
+        built: OptionsT = _options.build(self.options, values, what=self.name)
+        return built
 
 
 @dataclass

@@ -36,7 +36,9 @@ def _parts(spec: str, flag: str) -> list[tuple[int, int]]:
 
 def _as_text(spec: str | Sequence[int] | None) -> str | None:
     """The Python API may give block indices as a list: the same grammar, written out."""
-    return ",".join(str(int(v)) for v in spec) if isinstance(spec, (list, tuple)) else spec
+    if spec is None or isinstance(spec, str):
+        return spec
+    return ",".join(str(int(v)) for v in spec)
 
 
 def check_syntax(spec: str | Sequence[int] | None, flag: str = "--layers") -> None:

@@ -306,6 +306,7 @@ def load_model(
         model_kwargs["attn_implementation"] = attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model: Any
         with _no_loading_bar():  # transformers' "Loading weights" bar would land in the middle of our output
             if is_causal:
                 model = AutoModelForCausalLM.from_pretrained(where, **model_kwargs)

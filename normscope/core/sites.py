@@ -200,8 +200,8 @@ class ModelLayout:
 
     blocks_path: str  # e.g. "model.layers"
     blocks: list[BlockLayout]
-    embed: nn.Module = field(repr=False)  # model.get_input_embeddings()
-    unembed: nn.Module | None = field(repr=False)  # model.get_output_embeddings(); None for encoders
+    embed: nn.Module = field(repr=False)  # _hf(model).get_input_embeddings()
+    unembed: nn.Module | None = field(repr=False)  # _hf(model).get_output_embeddings(); None for encoders
     final_norm: NormSite | None  # the norm applied to the last block's output (``ln_final``)
     is_causal: bool
     n_heads: int
@@ -214,8 +214,14 @@ class ModelLayout:
         return len(self.blocks)
 
 
+def _hf(model: nn.Module) -> Any:
+    """The model as a transformers ``PreTrainedModel``, whose methods (get_input_embeddings, ...) nn.Module's
+    type does not declare."""
+    return model
+
+
 def _config_int(model: nn.Module, names: tuple[str, ...]) -> int:
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return next((v for v in (getattr(cfg, n, None) for n in names) if isinstance(v, int) and v > 0), 0)
 
@@ -293,7 +299,7 @@ def _trace(model: nn.Module, paths: dict[nn.Module, str], seq: int = 4) -> dict[
         d_in = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
         events[paths[mod]] = _Event(next(counter), _fingerprint(x), _fingerprint(first), d_in, pattern)
 
-    embed = model.get_input_embeddings()
+    embed: Any = _hf(model).get_input_embeddings()
     device = embed.weight.device if isinstance(getattr(embed, "weight", None), torch.Tensor) else "cpu"
     vocab = getattr(embed, "num_embeddings", None) or _config_int(model, ("vocab_size",)) or 8
     ids = (torch.tensor([[5, 17, 23, 42, 61, 7, 11, 13][:seq]]) % vocab).to(device)  # [1, seq]
@@ -345,10 +351,10 @@ def _build_layout(model: nn.Module, blocks_path: str, block_list: nn.ModuleList,
     else:
         is_decoder = bool(getattr(getattr(model, "config", None), "is_decoder", False))
         is_causal = is_decoder or type(model).__name__.endswith("ForCausalLM")
-    embed = model.get_input_embeddings()
+    embed: Any = _hf(model).get_input_embeddings()
     d_model = _config_int(model, ("hidden_size", "n_embd", "d_model")) or embed.embedding_dim
     n_heads = _config_int(model, ("num_attention_heads", "n_head", "num_heads"))
-    unembed = model.get_output_embeddings()
+    unembed = _hf(model).get_output_embeddings()
     return ModelLayout(blocks_path, blocks, embed, unembed, None, is_causal, n_heads, d_model)
 
 

@@ -150,7 +150,7 @@ def _resolve_specials(tokenizer: Any, bos: str, is_causal: bool) -> _Specials:
         if bos_id is None:
             raise NormscopeError("--bos yes was given but this tokenizer has no BOS token; use --bos no.")
         return _Specials((int(bos_id),), (), "bos")
-    if bos == "auto" and tokenizer_adds_bos(tokenizer):
+    if bos == "auto" and tokenizer_adds_bos(tokenizer) and bos_id is not None:
         return _Specials((int(bos_id),), (), "bos")
     return _Specials((), (), "none")
 

@@ -91,7 +91,7 @@ def _json_key(key: Any) -> str:
     raise TypeError(f"cannot use {type(key).__name__} as a JSON key")
 
 
-def _torch_tensor_type() -> type | None:
+def _torch_tensor_type() -> Any:
     import sys
 
     torch = sys.modules.get("torch")  # no import: if torch was never imported there can be no tensor
