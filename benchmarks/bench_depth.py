@@ -95,8 +95,8 @@ def passes(lm, sample) -> dict:
     out: dict = {"batches": len(sample.batches)}
     try:
         for label, opts in (("statistics only", depth.DepthOptions(skip=False, window=0, lns=False)),
-                            ("+ skip 3 blocks", depth.DepthOptions(layers=[0, 15, 29], window=0, lns=False)),
-                            ("+ skip 3 + LNS + window", depth.DepthOptions(layers=[0, 15, 29], window=4, lns=True))):
+                            ("+ skip 3 blocks", depth.DepthOptions(skip_layers="0,15,29", window=0, lns=False)),
+                            ("+ skip 3 + LNS + window", depth.DepthOptions(skip_layers="0,15,29", window=4, lns=True))):
             calls["forward"] = calls["probe"] = 0
             depth.run(lm, sample, opts)
             out[label] = {"forward passes": calls["forward"], "probe passes (1x4 tokens)": calls["probe"]}

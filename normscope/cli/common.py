@@ -226,15 +226,13 @@ def headlines_table(result: Any, command: str, *, timings: bool = False) -> Tabl
 
 def finish(result: Any, slug_or_dir: str | Path, out: Path | None = None, *, quiet: bool, as_json: bool,
            table: Any = None) -> Any:
-    """Write HTML/JSON/CSV atomically, refresh the folder's index, print the summary table and where it went.
+    """Write HTML/JSON/CSV atomically (and the folder's index), print the summary table and where it went.
 
     ``slug_or_dir``: the output folder (a Path), or a model slug whose default folder is reports/<slug>/."""
     from normscope.report import dumps_json, write_report
-    from normscope.report.index import refresh_index
 
     folder = slug_or_dir if isinstance(slug_or_dir, Path) else output_dir(slug_or_dir, out)
-    paths = write_report(result, folder)
-    refresh_index(folder)
+    paths = write_report(result, folder)  # and the folder's index
     if as_json:
         sys.stdout.write(dumps_json(result.to_json_dict()) + "\n")
     if not quiet and not as_json:

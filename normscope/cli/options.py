@@ -29,6 +29,8 @@ class Group:
     panel: str
     prefix: str = ""  # "sinks" -> --sinks-eps (report and compare carry every analysis' options)
     skip: tuple[str, ...] = ()  # fields left off this command
+    defaults: tuple[tuple[str, Any], ...] = ()  # this command's own defaults, e.g. (("seq_len", 128),)
+    notes: tuple[tuple[str, str], ...] = ()  # text added to a field's --help here (why the default differs)
 
 
 def _param_name(group: Group, fname: str) -> str:
@@ -44,8 +46,8 @@ def params(group: Group) -> list[inspect.Parameter]:
         if f.name in group.skip or not f.metadata.get("cli", True):
             continue
         ann = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = docs.get(f.name, "")
+        default = dict(group.defaults).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        help_text = " ".join(filter(None, (docs.get(f.name, ""), dict(group.notes).get(f.name))))
         if group.cls is ModelOptions and f.name == "model":
             info: Any = typer.Argument(help=help_text, show_default=True)
         else:

@@ -107,7 +107,8 @@ def write_report(result: Result, out_dir: Path) -> ReportPaths:
     """Write ``<analysis>.html``, ``<analysis>.json`` and ``<analysis>_<table>.csv`` into ``out_dir``.
 
     Everything is rendered in memory first, then each file is written atomically (CSV, JSON, HTML last),
-    so a failure while building the report leaves earlier files untouched.
+    so a failure while building the report leaves earlier files untouched. The folder's ``index.html`` is
+    then rewritten to list every page in it, so a page's "All reports" link always leads somewhere.
     """
     out_dir = Path(out_dir)
     _check_name(result.analysis, "analysis name")
@@ -125,6 +126,9 @@ def write_report(result: Result, out_dir: Path) -> ReportPaths:
     atomic_write_text(json_path, json_text)
     html_path = out_dir / f"{result.analysis}.html"
     atomic_write_text(html_path, html_text)
+    from normscope.report.index import refresh_index  # index.py renders with this module's pieces
+
+    refresh_index(out_dir)
     return ReportPaths(html=html_path, json=json_path, csvs=csvs)
 
 
