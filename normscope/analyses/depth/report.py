@@ -59,7 +59,7 @@ def skip_figure(blocks: pd.DataFrame, n_blocks: int, base_loss: float | None) ->
     base = f" (baseline {base_loss:.3f} nats/token)" if base_loss is not None else ""
     fig.update_layout(title=f"Loss change when one block is skipped{base}", template="plotly_white",
                       xaxis_title="block skipped",
-                      yaxis_title=f"loss change, nats/token (log beyond +-{SYMLOG_LINEAR:g})")
+                      yaxis_title=f"loss change, nats/token (log beyond \u00b1{SYMLOG_LINEAR:g})")
     fig.update_xaxes(range=[-0.5, n_blocks - 0.5], dtick=1 if n_blocks <= 32 else None)
     fig.update_yaxes(tickvals=tickvals, ticktext=ticktext, zeroline=True, zerolinewidth=2,
                      zerolinecolor="#444")
@@ -133,7 +133,7 @@ def figures(layers: pd.DataFrame, blocks: pd.DataFrame, sites_df: pd.DataFrame, 
         figs.append(Figure("Skip-one-block loss change", skip_figure(blocks, n_blocks, base_loss),
                            "Red bars above zero are blocks the model cannot do without; green bars below zero are "
                            "blocks whose skipping lowers the loss on this text. The axis is linear within "
-                           f"+-{SYMLOG_LINEAR:g} nats/token and logarithmic beyond, so small and negative changes "
+                           f"\u00b1{SYMLOG_LINEAR:g} nats/token and logarithmic beyond, so small and negative changes "
                            "stay visible (hover for the exact value)."))
     fig = go.Figure(go.Scatter(x=windows["n"], y=windows["distance"], mode="lines+markers", name="min distance",
                                text=[f"blocks {s}-{e}" for s, e in zip(windows["start"], windows["end"], strict=True)],

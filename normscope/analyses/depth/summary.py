@@ -127,39 +127,52 @@ def massive_line(layers: pd.DataFrame, massive: pd.DataFrame) -> str | None:
     k = int(lay.loc[run, "massive_rest"].max())
     n_rest = int(a["n_rest"])
     occ = massive[(massive["last_point"] >= run[0]) & (massive["first_point"] <= run[-1])] if len(massive) else massive
+    one = k == 1
     if len(occ) == 1:
         o = occ.iloc[0]
-        who = (f"{k} of the {n_rest:,} tokens at positions > 0 carries a massive activation, {o['token']!r} at "
-               f"position {int(o['position'])} of sequence {int(o['sequence'])}")
+        who = f"{o['token']!r} at position {int(o['position'])} of sequence {int(o['sequence'])}"
     else:
         kinds = occ.groupby("token", sort=False).size().sort_values(ascending=False)
-        names = ", ".join(f"{t!r} ({n})" if n > 1 else repr(t) for t, n in kinds.head(5).items())
-        who = f"{k} of the {n_rest:,} tokens at positions > 0 carry a massive activation, {names}"
+        who = ", ".join(f"{t!r} ({n}x)" if n > 1 else repr(t) for t, n in kinds.head(5).items())
     top = occ.loc[occ["max_abs"].idxmax()] if len(occ) else None
-    size = (f", with |h| up to {float(top['max_abs']):,.0f} in dim {int(top['dim'])}" if top is not None else "")
+    size = f" |h| up to {float(top['max_abs']):,.0f} in dim {int(top['dim'])}" if top is not None else " one"
     span = f"layer {run[0]}" if len(run) == 1 else f"layers {run[0]} to {run[-1]}"
     # the mean variance of positions > 0, split into the massive tokens and the rest (a mean of squares)
     n_typ = n_rest - int(a["massive_rest"])
     per_token = (float(a["var_rest"]) * n_rest - float(a["var_rest_typical"]) * n_typ) / max(int(a["massive_rest"]), 1)
     share = 1.0 - float(a["var_rest_typical"]) * n_typ / (float(a["var_rest"]) * n_rest)
     line = (f"Massive activations at positions > 0 (Sun, Chen, Kolter, Liu 2024: |h| above {MASSIVE_MIN:g} and "
-            f"{MASSIVE_RATIO:,.0f} times the median): at {span}, {who}{size}. ")
+            f"{MASSIVE_RATIO:,.0f} times the median): at {span}, {k} of the {n_rest:,} tokens at positions > 0 "
+            f"({who}) {'carries' if one else 'carry'} a massive activation,{size}. ")
+    that = "that one token has" if one else f"these {k} tokens each have"
+    part = (f"{that} a variance over the hidden dims of about {_sig(per_token)}, {100 * share:.0f}% of the mean "
+            f"variance of positions > 0 at layer {run[0]}")
     if len(run) == 1:
-        return line + (f"Such a token has a variance over the hidden dims of about {per_token:,.0f}, "
-                       f"{100 * share:.0f}% of the mean variance of positions > 0 there.")
+        return line + part[0].upper() + part[1:] + "."
     r_var = float(b["var_rest"]) / float(a["var_rest"])
     r_norm = float(b["norm_rest"]) / float(a["norm_rest"])
     r_typ = float(b["var_rest_typical"]) / float(a["var_rest_typical"])
-    flat = r_var < 0.5 * r_typ
-    why = ("This is why the variance curve of positions > 0 stays nearly flat while their norm grows: "
-           if flat else "")
+    if r_var < 0.5 * r_typ:
+        lead = "This is why the variance curve of positions > 0 stays nearly flat while their norm grows: "
+    else:
+        lead = ""
+        part = part[0].upper() + part[1:]
     return line + (
-        f"{why}one such token has a variance over the hidden dims of about {per_token:,.0f}, so at layer {run[0]} "
-        f"it makes {100 * share:.0f}% of the mean variance of positions > 0, and that mean goes from "
-        f"{float(a['var_rest']):,.0f} to {float(b['var_rest']):,.0f} (x{r_var:.1f}) over {span} while the mean "
-        f"norm goes from {float(a['norm_rest']):,.0f} to {float(b['norm_rest']):,.0f} (x{r_norm:.1f}). Without "
-        f"these tokens the variance goes from {float(a['var_rest_typical']):,.1f} to "
-        f"{float(b['var_rest_typical']):,.1f} (x{r_typ:.1f}): it grows with the norm, as the Curse of Depth says.")
+        f"{lead}{part}, so over {span} the mean goes only from {_sig(float(a['var_rest']))} to "
+        f"{_sig(float(b['var_rest']))} (x{r_var:.1f}) while the mean norm goes from {_sig(float(a['norm_rest']))} to "
+        f"{_sig(float(b['norm_rest']))} (x{r_norm:.1f}). Without {'it' if one else 'them'} the variance goes from "
+        f"{_sig(float(a['var_rest_typical']))} to {_sig(float(b['var_rest_typical']))} (x{r_typ:.1f}): it grows "
+        "with the norm, as the Curse of Depth says.")
+
+
+def _sig(x: float, digits: int = 3) -> str:
+    """``999339.2`` -> "999,000", ``33.52`` -> "33.5": three significant digits, thousands separated."""
+    if not math.isfinite(x) or x == 0:
+        return f"{x:g}"
+    r = round(x, digits - 1 - math.floor(math.log10(abs(x))))
+    if abs(r) >= 10 ** (digits - 1):
+        return f"{r:,.0f}"
+    return f"{r:,.{max(0, digits - 1 - math.floor(math.log10(abs(r))))}f}"
 
 
 def summary(layers: pd.DataFrame, blocks: pd.DataFrame, g: GrowthFit, base_loss: float | None,
