@@ -19,12 +19,12 @@ from normscope.report import Figure, plot_text
 
 AXES = {"points": "layer", "norm_effect": "layer"}  # each per-depth table: its depth column
 LABELS = {
-    "points": "per hook point", "norm_effect": "each norm's effect", "skewness": "k-occurrence skewness",
+    "points": "per hook point", "norm_effect": "each norm's effect", "hubs": "the tokens that are hubs",
+    "unembedding_hubs": "hubs of contexts against the unembedding", "skewness": "k-occurrence skewness",
     "robin_hood": "Robin Hood index", "antihub_share": "antihub share (N_k = 0)", "hub_occurrence": "hub occurrence",
     "gini": "Gini of N_k", "skewness_in": "skewness before the norm", "skewness_out": "skewness after the norm",
     "nonfinite_points": "hook points with inf/NaN",
 }
-
 
 
 def summary(pts: pd.DataFrame, effect: pd.DataFrame, hubs_df: pd.DataFrame, un: dict[str, Any],
