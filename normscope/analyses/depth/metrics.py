@@ -26,7 +26,10 @@ MASSIVE_RATIO = 1000.0  # ... and about 1,000 times the median magnitude of the 
 
 
 def token_l2(h: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each token's vector. h: ``[batch, pos, d]``; returns ``[batch, pos]`` float32."""
+    """L2 norm of each token's vector (the residual-norm growth of Sun et al. 2025, arXiv:2502.05795).
+
+    h: ``[batch, pos, d]``; returns ``[batch, pos]`` float32.
+    """
     return h.float().norm(dim=-1)
 
 
@@ -43,7 +46,9 @@ def token_variance(h: torch.Tensor) -> torch.Tensor:
 
 
 def per_token(v: torch.Tensor) -> torch.Tensor:
-    """Collapse trailing dims of a per-token quantity (a divisor ``[batch, pos, 1]`` or ``[b, p, heads, 1]``)."""
+    """Collapse trailing dims of a per-token quantity (a divisor ``[batch, pos, 1]`` or ``[b, p, heads, 1]``):
+    the norm divisor that tracks the growing residual norm (Sun et al. 2025, arXiv:2502.05795).
+    Returns ``[batch, pos]`` float32."""
     v = v.float()
     while v.ndim > 2:
         v = v.mean(dim=-1)
@@ -60,7 +65,8 @@ def relative_update(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real (mask 1) token of each row, so a pad is never read (left or right padding).
+    """Index of the last real (mask 1) token of each row, so a pad is never read (left or right padding); the
+    token on which Gromov et al. 2024 (arXiv:2403.17887) measure angular distances.
 
     attention_mask: ``[batch, pos]``; returns ``[batch]`` long (0 for an all-pad row).
     """
@@ -69,14 +75,17 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """arccos(cos(a, b)) / pi over the last dim, in [0, 1] (Gromov et al. 2024). Computed in float64."""
+    """arccos(cos(a, b)) / pi over the last dim, in [0, 1] (Gromov et al. 2024, arXiv:2403.17887).
+
+    a, b: ``[..., d]``; returns ``[...]`` float64.
+    """
     a, b = a.double(), b.double()
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
     return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 
 def angular_distance_matrix(vecs: torch.Tensor) -> torch.Tensor:
-    """Angular distance between every pair of layers, per sequence (Gromov et al. 2024).
+    """Angular distance between every pair of layers, per sequence (Gromov et al. 2024, arXiv:2403.17887).
 
     vecs: ``[batch, n_points, d]`` the last token's residual stream at each layer. Returns
     ``[batch, n_points, n_points]`` float64, symmetric, zero on the diagonal.
@@ -90,7 +99,8 @@ def angular_distance_matrix(vecs: torch.Tensor) -> torch.Tensor:
 
 
 def best_windows(dist: np.ndarray | torch.Tensor) -> pd.DataFrame:
-    """For every window size n, the start l minimising d(h_l, h_{l+n}) (Gromov et al.'s block to drop).
+    """For every window size n, the start l minimising d(h_l, h_{l+n}) (Gromov et al. 2024, arXiv:2403.17887:
+    the blocks to drop).
 
     dist: ``[L+1, L+1]`` mean angular distances between residual points (0 = embeddings, l = after block
     l - 1). Dropping blocks l .. l+n-1 joins h_l to h_{l+n}. Returns rows (n, start, end, distance); a window
@@ -129,7 +139,8 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def fit_growth(depth: np.ndarray | list[float], values: np.ndarray | list[float]) -> GrowthFit:
-    """Fit log(y) = a + p log(l + 1) (power law) and log(y) = a + r l (exponential); report both with R^2.
+    """Fit log(y) = a + p log(l + 1) (power law) and log(y) = a + r l (exponential); report both with R^2
+    (the growth with depth of Sun et al. 2025, arXiv:2502.05795).
 
     depth: layer indices l >= 0 (0 = embeddings); values: positive numbers (e.g. the mean residual norm).
     Non-positive or non-finite values are left out; when inf/NaN values (an overflow, which the report flags)
@@ -151,7 +162,8 @@ def fit_growth(depth: np.ndarray | list[float], values: np.ndarray | list[float]
 
 
 def lns_factor(layer: int) -> float:
-    """LayerNorm Scaling (Sun et al. 2025): the pre-norm output of block ``layer`` (0-based) times 1/sqrt(l + 1)."""
+    """LayerNorm Scaling (Sun et al. 2025, arXiv:2502.05795): the pre-norm output of block ``layer`` (0-based)
+    times 1/sqrt(l + 1)."""
     return 1.0 / math.sqrt(layer + 1)
 
 

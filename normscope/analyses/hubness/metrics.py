@@ -26,7 +26,8 @@ def knn_indices(
     gallery: torch.Tensor | None = None,
     block_size: int = 1024,
 ) -> torch.Tensor:
-    """Exact k nearest neighbours of every row of ``x``, computed in blocks of query rows.
+    """Exact k nearest neighbours of every row of ``x``, computed in blocks of query rows (the k-NN lists of
+    Radovanovic et al. 2010; self excluded and ties shuffled as in scikit-hubness, Feldbauer et al. 2018).
 
     x: ``[n, d]`` queries. gallery: ``[m, d]`` items to search (None: ``x`` itself, self excluded, as in
     scikit-hubness). metric: ``euclidean``, ``cosine`` or ``dot`` (largest inner product, e.g. logits).
@@ -83,7 +84,10 @@ def _topk_random_ties(sim: torch.Tensor, k: int, gen: torch.Generator) -> torch.
 
 
 def k_occurrence(indices: torch.Tensor, n_items: int) -> torch.Tensor:
-    """N_k: how many k-NN lists contain each item. indices: ``[n_queries, k]``; returns ``[n_items]`` long."""
+    """N_k: how many k-NN lists contain each item (Radovanovic et al. 2010).
+
+    indices: ``[n_queries, k]``; returns ``[n_items]`` long.
+    """
     return torch.bincount(indices.reshape(-1), minlength=n_items)
 
 
@@ -109,7 +113,8 @@ def robin_hood(nk: torch.Tensor) -> float:
 
 
 def gini(nk: torch.Tensor) -> float:
-    """Gini index sum_ij |N_i - N_j| / (2 n sum N), via the sorted form sum_i (2i - n - 1) N_(i) / (n sum N)."""
+    """Gini index sum_ij |N_i - N_j| / (2 n sum N), via the sorted form sum_i (2i - n - 1) N_(i) / (n sum N)
+    (scikit-hubness, Feldbauer et al. 2018). nk: ``[n]``."""
     x = nk.double().sort().values
     n, total = x.numel(), float(x.sum())
     if not n or not total:
@@ -119,7 +124,8 @@ def gini(nk: torch.Tensor) -> float:
 
 
 def atkinson(nk: torch.Tensor, eps: float = 0.5) -> float:
-    """Atkinson index 1 - mean(N^(1-eps))^(1/(1-eps)) / mean(N) (scikit-hubness, eps 0.5)."""
+    """Atkinson index 1 - mean(N^(1-eps))^(1/(1-eps)) / mean(N) (scikit-hubness, Feldbauer et al. 2018, eps 0.5).
+    nk: ``[n]``."""
     x = nk.double()
     mean = float(x.mean())
     if not mean:
@@ -151,7 +157,8 @@ def hubness_scores(nk: torch.Tensor, k: int, hub_size: float = 2.0) -> dict[str,
 
 
 def position0_stats(indices: torch.Tensor, pos: torch.Tensor) -> float | None:
-    """Share of the neighbours of position-0 tokens that are position-0 tokens themselves.
+    """Share of the neighbours of position-0 tokens that are position-0 tokens themselves (the island a massive
+    activation makes, Sun, Chen, Kolter, Liu 2024, arXiv:2402.17762).
 
     indices: ``[n, k]`` k-NN lists; pos: ``[n]`` positions. Near 1 (or (n_seq - 1) / k when there are fewer
     sequences than k) when the first tokens form an island apart from the text, as a massive activation does.
@@ -163,13 +170,15 @@ def position0_stats(indices: torch.Tensor, pos: torch.Tensor) -> float | None:
 
 
 def is_delimiter(text: str) -> bool:
-    """A token whose text is only whitespace and punctuation (``.``, ``,``, ``\\n``, ``:`` ...)."""
+    """A token whose text is only whitespace and punctuation (``.``, ``,``, ``\\n``, ``:`` ...): the frequent
+    tokens Nielsen, Macocco, Baroni 2025 (arXiv:2502.10201) find among hubs."""
     s = text.strip()
     return not s or all(unicodedata.category(c)[0] in "PZ" or c in "\n\r\t" for c in s)
 
 
 def norm_effect_table(pts: pd.DataFrame) -> pd.DataFrame:
-    """One row per (norm site, metric): each hubness measure on the site's input and output, side by side."""
+    """One row per (norm site, metric): each hubness measure (Radovanovic et al. 2010, Feldbauer et al. 2018) on
+    the site's input and output, side by side. pts: the per-point table of the analysis."""
     cols = ["site", "role", "layer", "metric"]
     measures = ["skewness", "robin_hood", "antihub_share", "hub_occurrence", "gini"]
     if not len(pts) or not (pts["kind"] == "norm_in").any():
