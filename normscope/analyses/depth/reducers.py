@@ -194,19 +194,23 @@ class MassiveActivations:
         later = massive & rest  # [batch, pos]
         typical = rest & ~massive
         p = point
-        self.n_pos0[p] += float(massive[:, 0].sum())
-        self.n_rest[p] += float(later.sum())
-        self.n_typical[p] += float(typical.sum())
-        self.s_norm[p] += float(norm.double().to(h.device)[typical].sum())
-        self.s_var[p] += float(var.double().to(h.device)[typical].sum())
-        if bool(rest.any()):
-            t = torch.where(rest, top, torch.full_like(top, -1.0))
-            j = int(t.argmax())  # flat index into [batch, pos]
-            v = float(t.flatten()[j])
-            if not v <= float(self.max_abs_rest[p]):  # NaN at first: take it
-                self.max_abs_rest[p], self.max_dim_rest[p] = v, int(dim.flatten()[j])
-        for b, pos in later.nonzero().tolist():
-            self._note(p, self._seq0 + b, pos, int(ctx.input_ids[b, pos]), int(dim[b, pos]), float(top[b, pos]))
+        t = torch.where(rest, top, torch.full_like(top, -1.0)).flatten()  # [batch * pos]: positions > 0 only
+        j = t.argmax()
+        tw = typical.double()
+        # every scalar of this point and batch in one vector, so it reaches the host in one transfer
+        vals = torch.stack([massive[:, 0].sum().double(), later.sum().double(), tw.sum(),
+                            (norm.double().to(h.device) * tw).sum(), (var.double().to(h.device) * tw).sum(),
+                            t[j].double(), dim.flatten()[j].double(), later.any().double()]).tolist()
+        self.n_pos0[p] += vals[0]
+        self.n_rest[p] += vals[1]
+        self.n_typical[p] += vals[2]
+        self.s_norm[p] += vals[3]
+        self.s_var[p] += vals[4]
+        if vals[5] >= 0 and not vals[5] <= float(self.max_abs_rest[p]):  # NaN at first: take it
+            self.max_abs_rest[p], self.max_dim_rest[p] = vals[5], int(vals[6])
+        if vals[7]:  # rare: a massive activation after position 0
+            for b, pos in later.nonzero().tolist():
+                self._note(p, self._seq0 + b, pos, int(ctx.input_ids[b, pos]), int(dim[b, pos]), float(top[b, pos]))
 
     def _note(self, point: int, seq: int, pos: int, token_id: int, dim: int, value: float) -> None:
         self.dims[dim] += 1
