@@ -128,7 +128,7 @@ def test_quotable_line() -> None:
     line = depth.quotable_line(blocks, 10)
     assert line.startswith("The deepest 40% of blocks (4 of 10, blocks 6-9)")
     assert "at most 4.0% each" in line and "median 2.5%" in line
-    assert "any one of the 3 measured costs at most 0.015 nats/token (block 8)" in line
+    assert "any one of the 3 measured (blocks 6, 8 and 9) costs at most 0.015 nats/token (block 8)" in line
     assert "skipping" not in depth.quotable_line(blocks.drop(columns="skip_delta_loss"), 10)
 
 

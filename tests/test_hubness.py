@@ -256,3 +256,35 @@ def test_smollm2_position0_is_an_island_and_prediction_hubs_are_frequent(smollm2
     un = res.tables["unembedding_hubs"]
     assert (un["frequency_rank_in_text"].fillna(10**9) <= 20).sum() >= 4
     assert res.payload["context_unembedding"]["skewness"] > 10
+
+
+# ---- the command line and the page -----------------------------------------------------------------------
+def test_cli_backwards_layers_refused_in_one_line_before_loading(tmp_path) -> None:
+    """``--layers 5-3`` once crashed with a KeyError after a forward pass; it now goes through the one grammar
+    (core.layers) and is refused before any model loads (the model path does not even exist)."""
+    from normscope.cli import app
+
+    res = CliRunner().invoke(app, ["hubness", str(tmp_path / "no-such-model"), "--layers", "5-3"])
+    assert res.exit_code == 2, res.output
+    assert "--layers range '5-3' runs backwards; write it as 3-5." in res.output
+    assert res.output.strip().count("\n") == 0 and "Traceback" not in res.output
+    with pytest.raises(NormscopeError, match="runs backwards"):
+        hb.parse_layers("5-3", 30, "--layers")
+
+
+class _ByteTokenizer:
+    """Decodes token 7 alone to U+FFFD, as byte-level BPE does for the first byte of an emoji."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "\ufffd" if ids == [7] else f"t{ids[0]}"
+
+    def convert_ids_to_tokens(self, i: int) -> str:
+        return "\u00f0\u0141" if i == 7 else f"t{i}"  # byte-level pieces of b"\xf0\x9f"
+
+
+def test_hub_tables_show_byte_tokens_readably() -> None:
+    meta = hb.TokenMeta(ids=torch.tensor([7, 8, 9]), pos=torch.tensor([0, 1, 2]), seq=torch.tensor([0, 0, 0]),
+                        next_ids=torch.tensor([8, 9, -1]))
+    rows = hb.top_hub_rows(torch.tensor([5, 1, 0]), meta, _ByteTokenizer(), 2)
+    assert [r["token"] for r in rows] == ["\\xf0\\x9f", "t8"]  # not two look-alike replacement characters
+    assert rows[0]["sink"] == "position 0"

@@ -1,0 +1,48 @@
+"""Interventions of the curse-of-depth analysis: hooks that change the forward pass (skip a block, scale the
+pre-norm outputs), as opposed to the reducers, which only observe it.
+
+* skipping blocks (identity): layer effectiveness, and Gromov et al. 2024's dropped window (arXiv:2403.17887);
+* LayerNorm Scaling at inference: Sun, Yin, Li, Liu et al. 2025 (arXiv:2502.05795).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from normscope.analyses.depth.metrics import lns_factor
+from normscope.analyses.depth.reducers import _Call
+from normscope.core.capture import BatchContext, Capture
+
+PRE_NORM_ROLES = ("pre_attn", "pre_mlp")
+
+
+def skip_interventions(cap: Capture, block_indices: list[int]) -> None:
+    """Make each listed block the identity: its output becomes its input (``hook_resid_pre``).
+
+    The block still runs (its hooks fire), so the cost is one full forward pass per configuration.
+    """
+    for i in block_indices:
+        box: dict[str, torch.Tensor] = {}
+
+        def stash(h: torch.Tensor, ctx: BatchContext, box: dict[str, torch.Tensor] = box) -> None:
+            box["h"] = h
+
+        def restore(h: torch.Tensor, ctx: BatchContext, box: dict[str, torch.Tensor] = box) -> torch.Tensor:
+            return box.pop("h").to(h.dtype)
+
+        cap.add(f"blocks.{i}.hook_resid_pre", _Call(stash))
+        cap.intervene(f"blocks.{i}.hook_resid_post", restore)
+
+
+def lns_interventions(cap: Capture, sites: list[Any]) -> list[str]:
+    """LayerNorm Scaling at inference: multiply every pre-norm site's output by 1/sqrt(layer + 1)."""
+    names = []
+    for s in sites:
+        if s.role in PRE_NORM_ROLES and s.layer is not None:
+            f = lns_factor(s.layer)
+            cap.intervene(f"{s.name}.hook_out", lambda x, ctx, f=f: x * f)
+            names.append(s.name)
+    return names
+

@@ -1,0 +1,44 @@
+"""Hook reducers of the hubness analysis.
+
+Unlike every other normscope reducer, :class:`MatrixCollector` keeps what it sees across batches: the k-NN
+search needs all token vectors of a hook point at once (Radovanovic et al. 2010). Its memory is one
+``[n_tokens, d_model]`` float32 matrix per point, which ``HubnessOptions.memory_mb`` caps per pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normscope.core.capture import BatchContext
+
+
+class MatrixCollector:
+    """Copies every (unmasked) token's vector at one hook point into a preallocated ``[n_tokens, d]`` matrix.
+
+    The only reducer in normscope whose memory grows with the number of tokens: hubness needs all points at
+    once. Tokens are stored in batch order (sequence-major, then position).
+    """
+
+    def __init__(self, n_tokens: int) -> None:
+        self.n_tokens = n_tokens
+        self.matrix: torch.Tensor | None = None  # [n_tokens, d] float32
+        self.n = 0
+
+    def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
+        rows = x[token_mask(ctx)].float().cpu()  # [kept tokens in batch, d]
+        if self.matrix is None:
+            self.matrix = torch.empty(self.n_tokens, rows.shape[-1], dtype=torch.float32)
+        self.matrix[self.n:self.n + rows.shape[0]] = rows
+        self.n += rows.shape[0]
+
+    def take(self) -> torch.Tensor:
+        """The filled matrix (``[n, d]``); the collector lets go of it."""
+        assert self.matrix is not None
+        m, self.matrix = self.matrix[: self.n], None
+        return m
+
+
+def token_mask(ctx: BatchContext) -> torch.Tensor:
+    """``[batch, pos]`` bool: the tokens hubness looks at (every unmasked token of the sample)."""
+    return ctx.attention_mask.bool()
+
