@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/normscope sinks smollm2-135m --max-tokens 8192 --controls --ablate --force
+	$(VENV)/bin/normscope sinks smollm2-135m --max-tokens 4096 --controls --ablate --force
 
 # Where Chromium is installed, a skipped browser or TransformerLens test fails the run instead of passing.
 test: $(STAMP)

@@ -30,7 +30,7 @@ register(AnalysisSpec(
 ))
 register(AnalysisSpec(
     name="depth", command="depth-curse", options=DepthOptions, runner="normscope.analyses.depth.analysis:run",
-    terminal="normscope.analyses.depth.analysis:terminal_table",
+    terminal="normscope.analyses.depth.report:terminal_table",
     title="Curse of depth: residual norm and variance growth, relative updates, angular distances, skip-one-block "
     "loss and the LayerNorm Scaling what-if.",
     references=tuple(_DEPTH_REFS),

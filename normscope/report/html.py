@@ -202,7 +202,7 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(fmt_value(x) for x in v)
     if isinstance(v, str) and v and not v.strip():
-        return repr(v)  # whitespace-only tokens (" ", "\n") would show as an empty cell
+        return repr(v).replace(" ", "\u2423")  # whitespace-only tokens (" ", "\n"): visible, spaces as ␣
     return str(v)
 
 
