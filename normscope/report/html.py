@@ -3,7 +3,8 @@
 Every analysis ends by building a :class:`Result` and calling :func:`write_report`, which writes
 
 * ``<out_dir>/<analysis>.html``: a page that opens with no network (plotly.js inlined once, never the CDN);
-* ``<out_dir>/<analysis>.json``: ``{"schema_version", "analysis", "meta", "headlines", **payload}``,
+* ``<out_dir>/<analysis>.json``: ``{"schema_version", "analysis", "title", "meta", "headlines", "labels",
+  "summary", **payload}``,
   byte-identical for identical inputs (no timestamps, durations or output paths in it; NaN/inf become null);
 * ``<out_dir>/<analysis>_<table>.csv``: each table in full.
 
@@ -19,9 +20,7 @@ categorical axis fields (``ticktext``, ``tickvals``, ``categoryarray``): a token
 Analyses therefore put RAW strings into trace data, and escape with :func:`plot_text` any user, tokenizer
 or model string they write into author-controlled markup (axis titles, annotations, hover templates).
 
-Plot conventions of the field (TransformerLens / Neel Nanda style): layer on the x axis, heads labelled
-``L{l}H{h}``, diverging ``RdBu`` colour scale centred at 0 for signed values; see :func:`heatmap_layer_head`
-and :func:`line_per_layer`.
+Plot conventions and helpers live in :mod:`normscope.report.plots`.
 """
 
 from __future__ import annotations

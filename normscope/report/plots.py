@@ -1,27 +1,13 @@
-"""Report writer: one self-contained HTML page, a JSON file and one CSV per table for each analysis.
+"""Plot helpers in the conventions of the field, and the escaping of figure data.
 
-Every analysis ends by building a :class:`Result` and calling :func:`write_report`, which writes
+Conventions (TransformerLens / Neel Nanda style): layer on the x axis, heads labelled ``L{l}H{h}``, diverging
+``RdBu`` colour scale centred at 0 for signed values; see :func:`heatmap_layer_head` and :func:`line_per_layer`.
 
-* ``<out_dir>/<analysis>.html``: a page that opens with no network (plotly.js inlined once, never the CDN);
-* ``<out_dir>/<analysis>.json``: ``{"schema_version", "analysis", "meta", "headlines", **payload}``,
-  byte-identical for identical inputs (no timestamps, durations or output paths in it; NaN/inf become null);
-* ``<out_dir>/<analysis>_<table>.csv``: each table in full.
-
-All files are written atomically (temporary file in the same folder, fsync, ``os.replace``).
-
-Escaping contract. Every string that reaches the page through this module is HTML-escaped: titles,
-meta, headlines, summary paragraphs, table cells, captions, references. Plotly serialises figures as JSON
-and writes ``<``, ``>`` and ``/`` as ``\\u003c``, ``\\u003e`` and ``\\u002f``, so no data string can close
-the ``<script>`` element. Plotly.js however renders a subset of HTML tags (``<b>``, ``<br>``, ``<a>``, ...)
-inside labels, so :func:`render_html` also escapes, on a copy of each figure, the *data* strings of every
-trace (``x``, ``y``, ``z``, ``text``, ``hovertext``, ``customdata``, ``labels``, ``name``, ...) and the
-categorical axis fields (``ticktext``, ``tickvals``, ``categoryarray``): a token ``<b>`` shows as ``<b>``.
-Analyses therefore put RAW strings into trace data, and escape with :func:`plot_text` any user, tokenizer
-or model string they write into author-controlled markup (axis titles, annotations, hover templates).
-
-Plot conventions of the field (TransformerLens / Neel Nanda style): layer on the x axis, heads labelled
-``L{l}H{h}``, diverging ``RdBu`` colour scale centred at 0 for signed values; see :func:`heatmap_layer_head`
-and :func:`line_per_layer`.
+Plotly.js renders a subset of HTML tags inside labels, so :func:`escape_figure_data` escapes, on a copy of each
+figure, the *data* strings of every trace and the categorical axis fields (see the escaping contract in
+:mod:`normscope.report.html`). Analyses put RAW strings into trace data, and escape with :func:`plot_text` any
+user, tokenizer or model string they write into author-controlled markup (axis titles, annotations, hover
+templates).
 """
 
 from __future__ import annotations
