@@ -41,8 +41,16 @@ def lns_interventions(cap: Capture, sites: list[Any]) -> list[str]:
     names = []
     for s in sites:
         if s.role in PRE_NORM_ROLES and s.layer is not None:
-            f = lns_factor(s.layer)
-            cap.intervene(f"{s.name}.hook_out", lambda x, ctx, f=f: x * f)
+            cap.intervene(f"{s.name}.hook_out", _Scale(lns_factor(s.layer)))
             names.append(s.name)
     return names
 
+
+class _Scale:
+    """An intervention that multiplies a hook's tensor by a constant."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, x: Any, ctx: Any) -> Any:
+        return x * self.factor

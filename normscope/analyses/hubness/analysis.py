@@ -101,7 +101,7 @@ def run(ctx: RunContext, opts: HubnessOptions) -> Result:
                 for b in layout.blocks:
                     if b.attn is not None:
                         cap.add(f"blocks.{b.index}.attn.hook_pattern", sink_tokens)
-                if with_unembed:
+                if with_unembed and layout.final_norm is not None:
                     hook = f"{layout.final_norm.name}.hook_out"
                     final_col = collectors.get(hook) or cap.add(hook, MatrixCollector(n_tok))
             t0 = time.perf_counter()
@@ -203,12 +203,12 @@ def context_unembed_hubness(h: torch.Tensor, unembed: Any, meta: TokenMeta, tok:
     freq = Counter(int(t) for t in meta.next_ids.tolist() if t >= 0)
     rank = {t: r + 1 for r, (t, _) in enumerate(freq.most_common())}
     order = torch.argsort(-nk, stable=True)[: opts.top_hubs]
-    rows = [{"rank": i + 1, "token": token_text(tok, int(v)), "token_id": int(v), "n_k": int(nk[v]),
-             "share_of_contexts": float(nk[v]) / h.shape[0], "count_in_text": freq.get(int(v), 0),
-             "frequency_rank_in_text": rank.get(int(v))} for i, v in enumerate(order.tolist())]
+    rows: list[dict[str, Any]] = [
+        {"rank": i + 1, "token": token_text(tok, int(v)), "token_id": int(v), "n_k": int(nk[v]),
+         "share_of_contexts": float(nk[v]) / h.shape[0], "count_in_text": freq.get(int(v), 0),
+         "frequency_rank_in_text": rank.get(int(v))} for i, v in enumerate(order.tolist())]
     scores["vocab_size"] = vocab
-    scores["top_hubs_in_text_top20"] = sum(1 for r in rows if r["frequency_rank_in_text"] is not None
-                                           and r["frequency_rank_in_text"] <= 20)
+    scores["top_hubs_in_text_top20"] = sum(1 for r in rows if (rank.get(r["token_id"]) or 21) <= 20)
     return scores, rows
 
 
