@@ -107,7 +107,7 @@ def test_head_outputs_add_up_to_the_attention_output(tok) -> None:
     handle = plan.layout.blocks[1].attn.register_forward_hook(lambda m, a, o: outs.append(o[0]))
     ids = torch.randint(4, 100, (2, 16), generator=torch.Generator().manual_seed(2))
     try:
-        with torch.no_grad(), dla._input_hooks(plan.o_proj, store):
+        with torch.no_grad(), dla.input_hooks(plan.o_proj, store):
             model(input_ids=ids)
     finally:
         handle.remove()
@@ -209,7 +209,7 @@ def test_entropy_neuron_shortcut_equals_an_ablated_forward_pass(tok) -> None:
     plan = dla.plan_model(lm)
     neurons = [3, 17]
     means = torch.tensor([0.25, -0.5])
-    got = dla._ablate_neurons(lm, plan, s, neurons, means, None)
+    got = dla.ablate_neurons(lm, plan, s, neurons, means, None)
     for j, n in enumerate(neurons):
         ce_abs, h_abs = [], []
 
@@ -219,7 +219,7 @@ def test_entropy_neuron_shortcut_equals_an_ablated_forward_pass(tok) -> None:
             return (x,)
 
         for b in s.iter_batches():
-            sel, tgt = dla._targets(b.input_ids, b.attention_mask)
+            sel, tgt = dla.next_token_targets(b.input_ids, b.attention_mask)
             with torch.no_grad():
                 base = model(input_ids=b.input_ids).logits[sel]
                 h = plan.mlp_out.register_forward_pre_hook(set_mean)

@@ -171,7 +171,7 @@ def test_masked_view_gradients_match_autograd() -> None:
     lm = _lm(model, causal=False)
     prof = grads.measure(lm, sample, grads.GradsOptions(mask_rate=0.2))  # masking seeded by the text seed
     assert prof.loss_kind == "masked-view" and "masked-view" in prof.loss_name
-    masker = grads._Masker(lm.tokenizer, 0.2, sample.seed)
+    masker = grads.Masker(lm.tokenizer, 0.2, sample.seed)
     with torch.enable_grad():
         for p in model.parameters():
             p.requires_grad_(True)
@@ -207,7 +207,7 @@ def test_mlm_gradients_match_autograd() -> None:
     lm = _lm(model, causal=False)
     prof = grads.measure(lm, sample, grads.GradsOptions())
     assert prof.loss_kind == "mlm"
-    masker = grads._Masker(lm.tokenizer, 0.15, sample.seed)
+    masker = grads.Masker(lm.tokenizer, 0.15, sample.seed)
     with torch.enable_grad():
         for p in model.parameters():
             p.requires_grad_(True)
@@ -251,8 +251,8 @@ def test_compare_overlays_both_models_gradient_curves() -> None:
         "masked-view"
     figs, deltas = compare_results("grads", a, b, "llama", "bert")
     titles = [f.title for f in figs]
-    assert any("||grad|| of the block's parameters per block" in t for t in titles), titles
-    assert any("||dL/dh||, positions > 0" in t for t in titles), titles
+    assert "grads: ||grad|| of the block's parameters, by block" in titles, titles
+    assert "grads: ||dL/dh||, positions > 0, by residual point" in titles, titles
     # 4 vs 2 blocks: drawn on relative depth, deltas compare the means
     fig = next(f.fig for f in figs if "||dL/dh||, positions > 0" in f.title)
     assert fig.layout.xaxis.title.text.startswith("relative depth")
