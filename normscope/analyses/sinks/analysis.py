@@ -2,11 +2,11 @@
 
 Attention sinks (alpha_k, Sink_1^eps: Gu et al. 2024, "When Attention Sink Emerges in Language Models: An
 Empirical View", arXiv:2410.10781), massive activations (Sun et al. 2024, "Massive Activations in Large
-Language Models", arXiv:2402.17762), residual sinks and outlier-driven rescaling of the RMS/std divisor ("A
-Unified View of Attention and Residual Sinks", 2026), and the causal test that a sink matters (Xiao et al.
-2023, "Efficient Streaming Language Models with Attention Sinks", arXiv:2309.17453, and Sun et al.'s
-zero-versus-mean intervention). The formulas are in :mod:`.metrics`, the per-batch folding in :mod:`.reducers`,
-figures and sentences in :mod:`.report`.
+Language Models", arXiv:2402.17762), residual sinks and outlier-driven rescaling of the RMS/std divisor (Qiu et
+al. 2026, "A Unified View of Attention and Residual Sinks", arXiv:2601.22966), and the causal test that a sink
+matters (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks", arXiv:2309.17453, and
+Sun et al.'s zero-versus-mean intervention). The formulas are in :mod:`.metrics`, the per-batch folding in
+:mod:`.reducers`, figures and sentences in :mod:`.report`.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ LABELS = {  # words for table, column and headline names on pages, in the termin
     "loss": "loss (nats/token)",
     **{f"delta_loss: {name}": f"loss change, {name}" for name in INTERVENTIONS},
 }
-NO_BOS_SINK_TOKENS = ("sink tokens (no BOS: position 0 is whatever token opens each window, so its rows name no "
-                      "sink token)")
+NO_BOS_SINK_TOKENS = ("sink tokens (no BOS: position 0 is whatever token opens each window, so the 'first' rows name "
+                      "no sink token)")
 
 
 def position0_is_arbitrary(sample: Any, causal: bool) -> bool:

@@ -7,7 +7,8 @@
   al. 2024, "Massive Activations in Large Language Models" (arXiv:2402.17762), code
   ``locuslab/massive-activations``;
 * outlier-driven rescaling of the RMS/std divisor (:func:`outlier_share`, :func:`site_outliers`): "A Unified
-  View of Attention and Residual Sinks" (2026).
+  View of Attention and Residual Sinks: Outlier-Driven Rescaling is Essential for Transformer Training", Qiu et
+  al. 2026 (arXiv:2601.22966).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def massive_mask(h: torch.Tensor, threshold: float = 100.0, ratio: float = 1000.
 
 
 def outlier_share(x: torch.Tensor, k: int = 3, centered: bool = False) -> torch.Tensor:
-    """Share of the squared divisor carried by the top-1..k dims of each token ("A Unified View of Attention
-    and Residual Sinks", 2026: outlier-driven rescaling).
+    """Share of the squared divisor carried by the top-1..k dims of each token (outlier-driven rescaling: Qiu
+    et al. 2026, "A Unified View of Attention and Residual Sinks", arXiv:2601.22966).
 
     x: ``[batch, pos, d]`` a norm site's input. Returns ``[batch, pos, k]``: column j is the share of
     sum(x^2) (of the centred x for LayerNorm) in the j+1 largest |x| dims. With r = |x_top| / ||x||, the

@@ -6,7 +6,7 @@ and counts (nothing per token is kept across batches), and turns them into a tab
 * :class:`ResidualReducer` (``blocks.{l}.hook_resid_post``): top-1/2/3 and median |h|, mean |h| per dim and the
   massive activations (Sun et al. 2024, "Massive Activations in Large Language Models", arXiv:2402.17762);
 * :class:`OutlierReducer` (``<site>.hook_in``): the divisor of position 0 against ordinary tokens and the share
-  of it carried by the top dims ("A Unified View of Attention and Residual Sinks", 2026).
+  of it carried by the top dims (Qiu et al. 2026, "A Unified View of Attention and Residual Sinks", arXiv:2601.22966).
 """
 
 from __future__ import annotations
