@@ -260,6 +260,26 @@ def test_compare_overlays_both_models_gradient_curves() -> None:
     assert deltas["depth"].isna().all() and set(deltas["table"]) >= {"blocks", "residual"}
 
 
+def test_one_profile_per_result_and_its_terminal_table() -> None:
+    """grads measures one model; two are compared by `compare A B --only grads` (the overlay above)."""
+    import inspect
+
+    from normscope.analyses.grads import report as grads_report
+
+    res = grads.run(_lm(tiny_llama(n_layers=3)), _sample(n=2))
+    assert len(res.payload["profiles"]) == 1 and res.payload["profiles"][0]["n_blocks"] == 3
+    assert res.title == "Gradient flow per layer" and "compare" not in res.meta
+    assert set(res.tables) == {"blocks", "residual", "groups"}  # no *_compare tables
+    assert set(res.headlines) == {"loss (next-token)", "block grad, first/last third", "residual grad, embeddings/last"}
+    assert "compare" not in inspect.signature(grads.measure).parameters
+    assert [f.title for f in res.figures][:2] == ["Parameter gradient per block", "Residual-stream gradient per layer"]
+    assert len(res.summary) == 2 and res.summary[0].startswith("tiny: loss = next-token cross-entropy")
+    table = grads_report.terminal_table(res)
+    assert [c.header for c in table.columns] == ["block", "||grad||", "attention", "mlp", "norm", "||dL/dh||"]
+    assert table.row_count == 3 and table.title == "grads: tiny"
+    assert grads.terminal_table is grads_report.terminal_table  # the registry's analysis:terminal_table still works
+
+
 # ---- the bundled models ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_pre_ln_smollm2_vs_post_ln_minilm(smollm2, minilm) -> None:

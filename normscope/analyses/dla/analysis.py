@@ -230,6 +230,20 @@ def _overall(stats: AttributionStats, sl: slice | list[int] | None = None) -> fl
     return 100 * float(s[4, idx].sum()) / den if den else math.nan
 
 
+def entropy_headlines(neurons: pd.DataFrame) -> dict[str, Any]:
+    """The entropy-neuron headlines: the candidate that moves the entropy most among those that meet the
+    definition (``fails_definition`` False), and its median |delta entropy|; "none of N candidates" when every
+    one fails; nothing when no candidate was ablated."""
+    if not len(neurons) or "median_abs_delta_entropy" not in neurons:
+        return {}
+    passing = neurons[~neurons["fails_definition"].astype(bool)]
+    if not len(passing):
+        return {"top entropy neuron": f"none of {len(neurons)} candidates"}
+    top = passing.sort_values("mean_abs_delta_entropy", ascending=False).iloc[0]
+    return {"top entropy neuron": top["label"],
+            "its median |d entropy|": round(float(top["median_abs_delta_entropy"]), 4)}
+
+
 def _build_result(lm: Any, sample: Any, opts: DlaOptions, plan: Plan, main: AttributionStats, backend: str,
                   cross: dict[str, float], neuron_rows: list[dict[str, Any]], totals: Totals, notes: list[str],
                   timings: dict[str, float]) -> Result:
@@ -258,14 +272,7 @@ def _build_result(lm: Any, sample: Any, opts: DlaOptions, plan: Plan, main: Attr
     }
     if cross:
         headlines["bridge vs own max |dDLA|"] = float(f"{cross['max_abs_dla_diff']:.3g}")
-    if len(neurons) and "median_abs_delta_entropy" in neurons:
-        passing = neurons[~neurons["fails_definition"].astype(bool)]
-        if len(passing):  # the card names only a candidate that meets the definition
-            top = passing.sort_values("mean_abs_delta_entropy", ascending=False).iloc[0]
-            headlines["top entropy neuron"] = top["label"]
-            headlines["its median |d entropy|"] = round(float(top["median_abs_delta_entropy"]), 4)
-        else:
-            headlines["top entropy neuron"] = f"none of {len(neurons)} candidates"
+    headlines.update(entropy_headlines(neurons))
 
     scatter = torch.cat(main.samples) if main.samples else torch.zeros(0, 4, dtype=torch.float64)
     labels = comps["component"].tolist()

@@ -48,9 +48,12 @@ class DirectHooks:
 
     def mlp_out(self, i: int) -> torch.Tensor:
         """``[batch, pos, d]`` what block i's MLP added to the residual (for inline MLPs: post - pre - attn)."""
-        if self.mlp[i] is not None:
-            return self.mlp[i].x
+        stash = self.mlp[i]
+        if stash is not None:
+            assert stash.x is not None
+            return stash.x
         post, pre, attn = (s.x for s in self.diff[i])
+        assert post is not None and pre is not None and attn is not None
         return post - pre - attn
 
     def attributions(self, sel: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +97,7 @@ def run_direct(lm: Any, plan: Plan, sample: Any, stats: AttributionStats | None,
 
 @dataclass
 class _Batch:
-    """The two fields of a TokenBatch that :meth:`Capture.batch` reads, for one bare batch of ids."""
+    """What :meth:`Capture.batch` reads of a TokenBatch, for one bare batch of ids."""
 
     input_ids: torch.Tensor  # [batch, pos]
     attention_mask: torch.Tensor  # [batch, pos]
@@ -111,9 +114,3 @@ def direct_attributions(lm: Any, plan: Plan, ids: torch.Tensor, mask: torch.Tens
     dla, de = hooks.attributions(sel, tgt)
     return {"dla": dla, "de": de, "sel": sel, "tgt": tgt, "logits": out.logits[sel]}
 
-
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    categories: tuple[str, ...] = ()

@@ -34,7 +34,9 @@ def _linear_io(module: nn.Module) -> tuple[int, int] | None:
 
 def projection_matrix(module: nn.Module) -> torch.Tensor:
     """``[in, out]`` matrix W with ``module(x) = x @ W + b`` (Linear stores W transposed, Conv1D does not)."""
-    w = module.weight.detach()
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    w = w.detach()
     return w if type(module).__name__ == "Conv1D" else w.T
 
 

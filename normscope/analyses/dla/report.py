@@ -15,10 +15,10 @@ from normscope.report import Figure, heatmap_layer_head
 
 __all__ = ["figures", "neuron_note", "summary"]
 
-# heads and MLP layers must read apart at a glance in the scatter: colour, symbol and size all differ
-HEAD_STYLE = {"color": "#4c78a8", "symbol": "circle", "size": 5, "opacity": 0.45}
-MLP_STYLE = {"color": "#e45756", "symbol": "diamond", "size": 9, "opacity": 0.9,
-             "line": {"color": "#7a1f1f", "width": 1}}
+# heads and MLP layers must read apart at a glance in the scatter: colour, symbol and size all differ, and the
+# MLP diamonds are open so that the heads they sit on stay visible
+HEAD_STYLE = {"color": "#1f77b4", "symbol": "circle", "size": 4, "opacity": 0.5}
+MLP_STYLE = {"color": "#d62728", "symbol": "diamond-open", "size": 9, "opacity": 0.9, "line": {"width": 1.5}}
 
 
 def neuron_note(neurons: pd.DataFrame) -> str | None:
@@ -34,7 +34,7 @@ def neuron_note(neurons: pd.DataFrame) -> str | None:
         f"{ENTROPY_NEURON_MAX_CE_RATIO:g}x what they move the entropy (mean |d CE| / mean |d entropy|: {parts}). "
         "An entropy neuron changes the confidence of the prediction much more than the loss (Stolfo et al. 2024); "
         "these rank high by their weights alone, so the 'fails definition' column marks them and the headline "
-        "names only a candidate that passes."
+        + ("names none of them." if len(bad) == len(neurons) else "names only a candidate that passes.")
     )
 
 
@@ -91,8 +91,8 @@ def _scatter_figure(scatter: torch.Tensor, labels: list[str], n_heads: int) -> g
     fig = go.Figure()
     comp = scatter[:, 0].long()  # [n]
     is_mlp = (comp % (n_heads + 1)) == n_heads  # components run layer by layer: H heads, then the MLP
-    # heads first, then the fewer MLP points on top of them
-    for name, m, style in (("attention heads", ~is_mlp, HEAD_STYLE), ("MLP layers", is_mlp, MLP_STYLE)):
+    # the open MLP diamonds first, the small head dots over them: both stay visible where they overlap near 0
+    for name, m, style in (("MLP layers", is_mlp, MLP_STYLE), ("attention heads", ~is_mlp, HEAD_STYLE)):
         if not m.any():
             continue
         marker = {k: v for k, v in style.items() if k != "opacity"}
@@ -127,7 +127,7 @@ def figures(comps: pd.DataFrame, layers: pd.DataFrame, scatter: torch.Tensor, la
     if scatter.numel():
         figs.append(Figure("DLA against the direct effect", _scatter_figure(scatter, labels, n_heads),
                            "Points off the diagonal are attributions that the frozen final-norm scale misstates; a "
-                           "LN-free model puts them all on it. Blue circles are attention heads, red diamonds MLP "
+                           "LN-free model puts them all on it. Blue dots are attention heads, red open diamonds MLP "
                            "layers."))
     fig = go.Figure()
     for col, name in (("nmae_heads", "heads"), ("nmae_mlp", "MLP layer"), ("nmae_all", "all components")):

@@ -116,7 +116,7 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
     batches = list(sample.iter_batches())
     masker = Masker(lm.tokenizer, opts.mask_rate, sample.seed)
     masks = (lambda b, i: masker(b, i)) if kind != "next-token" else (lambda b, i: None)
-    units = [int(masks(b, i).sum()) if kind == "mlm" else loss_units(kind, b) for i, b in enumerate(batches)]
+    units = [int(masker(b, i).sum()) if kind == "mlm" else loss_units(kind, b) for i, b in enumerate(batches)]
     n_units = sum(units)
     if n_units == 0:
         raise NormscopeError("The text gives no loss terms (sequences too short); raise --seq-len.")

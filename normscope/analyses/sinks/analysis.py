@@ -11,6 +11,8 @@ Sun et al.'s zero-versus-mean intervention). The formulas are in :mod:`.metrics`
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -107,6 +109,7 @@ def no_attention_to_first(layout: Any) -> Iterator[None]:
 
     def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         h = kwargs.get("hidden_states", args[0] if args else None)
+        assert isinstance(h, torch.Tensor)
         mask = kwargs.get("attention_mask")
         b, t = h.shape[0], h.shape[1]
         if mask is None or mask.ndim != 4:
@@ -236,7 +239,7 @@ def _massive_rows(resid: dict[int, ResidualReducer], tok: Any) -> list[dict[str,
 
 def _residual_dims(resid: dict[int, ResidualReducer]) -> pd.DataFrame:
     """Residual-sink dims: the ten largest mean |h_j| over tokens and layers, and their ratio to the median dim."""
-    abs_tot = sum(rr.abs_sum for rr in resid.values() if rr.abs_sum is not None)
+    abs_tot = functools.reduce(operator.add, [rr.abs_sum for rr in resid.values() if rr.abs_sum is not None])
     n_tok = sum(rr.n_tok for rr in resid.values())
     h_avg = abs_tot / max(n_tok, 1)  # [d_model]
     order = torch.argsort(h_avg, descending=True)[:10].tolist()

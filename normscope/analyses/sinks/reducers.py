@@ -11,7 +11,7 @@ and counts (nothing per token is kept across batches), and turns them into a tab
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 import torch
@@ -70,7 +70,7 @@ class ResidualReducer:
         self.n_tok = 0
         # (dim, position) -> [count, max |h|, signed value at max, token at max]
         self.massive: dict[tuple[int, int], list[Any]] = {}
-        self.massive_value_sum: Counter[int] = Counter()  # dim -> sum of signed massive values
+        self.massive_value_sum: defaultdict[int, float] = defaultdict(float)  # dim -> sum of signed massive values
         self.massive_count: Counter[int] = Counter()
         self.top1_where: Counter[tuple[int, int]] = Counter()  # (dim, position) of each sequence's top-1 |h|
 
