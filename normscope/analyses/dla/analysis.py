@@ -259,6 +259,9 @@ def _build_result(lm: Any, sample: Any, opts: DlaOptions, plan: Plan, main: Attr
     overall["other_positions"] = 100 * float(rest[4] / rest[3]) if float(rest[3]) else math.nan
     worst = comps.sort_values("mean_abs_err", ascending=False).head(opts.top_components).reset_index(drop=True)
     neurons = pd.DataFrame(neuron_rows)
+    if "fails_definition" in neurons:  # the verdict next to the neuron's name, where the table's reader looks
+        first = ["rank", "neuron", "label", "fails_definition", "ce_to_entropy_ratio"]
+        neurons = neurons[first + [c for c in neurons.columns if c not in first]]
     mean_ce = totals.ce / max(totals.n, 1)
     mean_ent = totals.ent / max(totals.n, 1)
 
