@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,7 +109,7 @@ def test_head_outputs_add_up_to_the_attention_output(tok) -> None:
     handle = plan.layout.blocks[1].attn.register_forward_hook(lambda m, a, o: outs.append(o[0]))
     ids = torch.randint(4, 100, (2, 16), generator=torch.Generator().manual_seed(2))
     try:
-        with torch.no_grad(), dla._input_hooks(plan.o_proj, store):
+        with torch.no_grad(), dla.input_hooks(plan.o_proj, store):
             model(input_ids=ids)
     finally:
         handle.remove()
@@ -209,7 +211,7 @@ def test_entropy_neuron_shortcut_equals_an_ablated_forward_pass(tok) -> None:
     plan = dla.plan_model(lm)
     neurons = [3, 17]
     means = torch.tensor([0.25, -0.5])
-    got = dla._ablate_neurons(lm, plan, s, neurons, means, None)
+    got = dla.ablate_neurons(lm, plan, s, neurons, means, None)
     for j, n in enumerate(neurons):
         ce_abs, h_abs = [], []
 
@@ -219,7 +221,7 @@ def test_entropy_neuron_shortcut_equals_an_ablated_forward_pass(tok) -> None:
             return (x,)
 
         for b in s.iter_batches():
-            sel, tgt = dla._targets(b.input_ids, b.attention_mask)
+            sel, tgt = dla.next_token_targets(b.input_ids, b.attention_mask)
             with torch.no_grad():
                 base = model(input_ids=b.input_ids).logits[sel]
                 h = plan.mlp_out.register_forward_pre_hook(set_mean)
@@ -283,3 +285,70 @@ def test_smollm2_frozen_scale_misleads_most_in_the_last_layers(smollm2) -> None:
     layers = res.tables["layers"]
     assert layers["nmae_all"].iloc[-6:].mean() > 1.5 * layers["nmae_all"].iloc[:6].mean()
     assert n["position_0"] > n["other_positions"]
+
+
+# ---- the page (issue 10, item 6) --------------------------------------------------------------------------
+def test_entropy_neuron_verdict() -> None:
+    # moves the loss about as much as the entropy (SmolLM2's candidates: |dCE| / |dH| ~ 0.7-1.0): fails
+    assert dla.entropy_neuron_verdict(0.006, 0.006) == (pytest.approx(1.0), True)
+    ratio, fails = dla.entropy_neuron_verdict(0.0792, 0.1134)
+    assert ratio == pytest.approx(0.698, abs=1e-3) and fails
+    # changes the entropy much more than the loss (Stolfo et al.'s entropy neuron): passes
+    assert dla.entropy_neuron_verdict(0.002, 0.05) == (pytest.approx(0.04), False)
+    assert dla.entropy_neuron_verdict(0.01, 0.05, max_ratio=0.1)[1]  # the bar is a parameter
+    assert dla.entropy_neuron_verdict(0.01, 0.0) == (math.inf, True)  # loss moves, entropy does not
+    ratio, fails = dla.entropy_neuron_verdict(0.0, 0.0)  # nothing moved: nothing to judge
+    assert math.isnan(ratio) and not fails
+
+
+def _neurons(rows: list[tuple[str, float, float]]) -> pd.DataFrame:
+    out = []
+    for label, d_ce, d_h in rows:
+        ratio, fails = dla.entropy_neuron_verdict(d_ce, d_h)
+        out.append({"label": label, "mean_abs_delta_ce": d_ce, "mean_abs_delta_entropy": d_h,
+                    "median_abs_delta_entropy": d_h / 2, "ce_to_entropy_ratio": ratio, "fails_definition": fails})
+    return pd.DataFrame(out)
+
+
+def test_a_failing_candidate_is_flagged_not_headlined() -> None:
+    from normscope.analyses.dla.analysis import entropy_headlines
+    from normscope.analyses.dla.report import figures, neuron_note
+
+    # the candidate that moves the entropy most also moves the loss as much: not the headline
+    neurons = _neurons([("L1N7", 0.09, 0.10), ("L1N3", 0.001, 0.04), ("L1N9", 0.02, 0.021)])
+    assert list(neurons["fails_definition"]) == [True, False, True]
+    assert entropy_headlines(neurons) == {"top entropy neuron": "L1N3", "its median |d entropy|": 0.02}
+    note = neuron_note(neurons)
+    assert note and "2 of 3 candidates" in note and "L1N7 (0.90)" in note and "L1N3" not in note
+    assert entropy_headlines(neurons.iloc[[0, 2]]) == {"top entropy neuron": "none of 2 candidates"}
+    assert neuron_note(neurons.iloc[[1]]) is None
+    comps = pd.DataFrame({"type": ["head"] * 2, "mean_dla": [0.1, 0.2], "nmae": [10.0, 20.0]})
+    layers = pd.DataFrame({"layer": [0], "nmae_heads": [1.0], "nmae_mlp": [2.0], "nmae_all": [1.5]})
+    fig = next(f for f in figures(comps, layers, torch.zeros(0, 4), [], 1, 2, neurons)
+               if f.title.startswith("Entropy neurons"))
+    assert list(fig.fig.data[0].x) == ["L1N7 (fails)", "L1N3", "L1N9 (fails)"] and "not entropy neurons" in fig.caption
+
+
+def test_run_flags_each_ablated_candidate(tok) -> None:
+    lm, s = tiny_lm(tiny_llama(), tok), sample(tok)
+    res = dla.run(lm, s, dla.DlaOptions(backend="direct", neurons=3))
+    rows = res.payload["entropy_neurons"]
+    assert len(rows) == 3
+    for r in rows:
+        ratio, fails = dla.entropy_neuron_verdict(r["mean_abs_delta_ce"], r["mean_abs_delta_entropy"])
+        assert r["ce_to_entropy_ratio"] == pytest.approx(ratio) and r["fails_definition"] is fails
+    assert list(res.tables["entropy_neurons"].columns)[:5] == ["rank", "neuron", "label", "fails_definition",
+                                                               "ce_to_entropy_ratio"]  # the verdict is seen first
+    # the headline names a passing candidate, or says that none passes
+    top = res.headlines["top entropy neuron"]
+    passing = [r["label"] for r in rows if not r["fails_definition"]]
+    assert top in passing if passing else top == "none of 3 candidates"
+    assert any(p.startswith("Not entropy neurons") for p in res.summary) == (len(passing) < 3)
+    # heads and MLPs read apart in the scatter: distinct symbols, colours and legend entries
+    fig = next(f.fig for f in res.figures if f.title == "DLA against the direct effect")
+    heads, mlps = (next(t for t in fig.data if t.name.startswith(n)) for n in ("attention heads", "MLP layers"))
+    assert heads.marker.symbol != mlps.marker.symbol and heads.marker.color != mlps.marker.color
+    assert mlps.marker.size > heads.marker.size and heads.showlegend is not False and mlps.showlegend is not False
+    n_h, n_m = int(heads.name.split("(")[1].split()[0]), int(mlps.name.split("(")[1].split()[0])
+    assert n_h == len(heads.x) and n_m == len(mlps.x) and n_m > 0
+    assert set(mlps.text) <= {f"L{i}MLP" for i in range(2)} and all("H" in t for t in heads.text)

@@ -171,7 +171,7 @@ def test_masked_view_gradients_match_autograd() -> None:
     lm = _lm(model, causal=False)
     prof = grads.measure(lm, sample, grads.GradsOptions(mask_rate=0.2))  # masking seeded by the text seed
     assert prof.loss_kind == "masked-view" and "masked-view" in prof.loss_name
-    masker = grads._Masker(lm.tokenizer, 0.2, sample.seed)
+    masker = grads.Masker(lm.tokenizer, 0.2, sample.seed)
     with torch.enable_grad():
         for p in model.parameters():
             p.requires_grad_(True)
@@ -207,7 +207,7 @@ def test_mlm_gradients_match_autograd() -> None:
     lm = _lm(model, causal=False)
     prof = grads.measure(lm, sample, grads.GradsOptions())
     assert prof.loss_kind == "mlm"
-    masker = grads._Masker(lm.tokenizer, 0.15, sample.seed)
+    masker = grads.Masker(lm.tokenizer, 0.15, sample.seed)
     with torch.enable_grad():
         for p in model.parameters():
             p.requires_grad_(True)
@@ -251,13 +251,33 @@ def test_compare_overlays_both_models_gradient_curves() -> None:
         "masked-view"
     figs, deltas = compare_results("grads", a, b, "llama", "bert")
     titles = [f.title for f in figs]
-    assert any("||grad|| of the block's parameters per block" in t for t in titles), titles
-    assert any("||dL/dh||, positions > 0" in t for t in titles), titles
+    assert "grads: ||grad|| of the block's parameters, by block" in titles, titles
+    assert "grads: ||dL/dh||, positions > 0, by residual point" in titles, titles
     # 4 vs 2 blocks: drawn on relative depth, deltas compare the means
     fig = next(f.fig for f in figs if "||dL/dh||, positions > 0" in f.title)
     assert fig.layout.xaxis.title.text.startswith("relative depth")
     assert list(fig.data[0].x) == [0.0, 0.25, 0.5, 0.75, 1.0] and list(fig.data[1].x) == [0.0, 0.5, 1.0]
     assert deltas["depth"].isna().all() and set(deltas["table"]) >= {"blocks", "residual"}
+
+
+def test_one_profile_per_result_and_its_terminal_table() -> None:
+    """grads measures one model; two are compared by `compare A B --only grads` (the overlay above)."""
+    import inspect
+
+    from normscope.analyses.grads import report as grads_report
+
+    res = grads.run(_lm(tiny_llama(n_layers=3)), _sample(n=2))
+    assert len(res.payload["profiles"]) == 1 and res.payload["profiles"][0]["n_blocks"] == 3
+    assert res.title == "Gradient flow per layer" and "compare" not in res.meta
+    assert set(res.tables) == {"blocks", "residual", "groups"}  # no *_compare tables
+    assert set(res.headlines) == {"loss (next-token)", "block grad, first/last third", "residual grad, embeddings/last"}
+    assert "compare" not in inspect.signature(grads.measure).parameters
+    assert [f.title for f in res.figures][:2] == ["Parameter gradient per block", "Residual-stream gradient per layer"]
+    assert len(res.summary) == 2 and res.summary[0].startswith("tiny: loss = next-token cross-entropy")
+    table = grads_report.terminal_table(res)
+    assert [c.header for c in table.columns] == ["block", "||grad||", "attention", "mlp", "norm", "||dL/dh||"]
+    assert table.row_count == 3 and table.title == "grads: tiny"
+    assert grads.terminal_table is grads_report.terminal_table  # the registry's analysis:terminal_table still works
 
 
 # ---- the bundled models ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -287,3 +288,104 @@ def test_nonfinite_activations_are_named_not_averaged() -> None:
     points = [r["point"] for r in result.payload["nonfinite"]]
     assert points[0] == "blocks.1.hook_resid_post"
     assert "blocks.1.hook_resid_post" in result.summary[0]
+
+
+# ---- the page: what it says and how it draws it (issue 10, item 6) ------------------------------------
+def test_massive_labels_one_per_run_of_layers_with_the_same_dim() -> None:
+    import pandas as pd
+
+    from normscope.analyses.sinks.report import figures, massive_label_layers
+
+    # SmolLM2's shape: d507 at layer 2, then again in every layer from 11 to 28; another dim at 29
+    layers_with = [2, *range(11, 29), 29]
+    dims = [507] * 19 + [247]
+    top = pd.DataFrame({"layer": layers_with, "dim": dims})
+    keep = massive_label_layers(top)
+    assert [lay for lay, k in zip(layers_with, keep, strict=True) if k] == [2, 11, 29]
+    # the figure: every layer's point is there for hover, but only the run starts carry a text label
+    massive = pd.DataFrame({"layer": layers_with, "dim": dims, "position": 0, "token": "x", "value": 1e4,
+                            "abs": 1e4, "count": 1})
+    layers = pd.DataFrame({"layer": range(30), "top1_abs": 1e4, "top2_abs": 1e3, "top3_abs": 1e3,
+                           "median_abs": 1.0, "sink_rate": 50.0})
+    fig = next(f.fig for f in figures(pd.DataFrame(), layers, massive, pd.DataFrame(), sinks.SinksOptions(), 64)
+               if f.title == "Massive activations per layer")
+    trace = next(t for t in fig.data if t.name == "largest massive activation")
+    assert len(trace.x) == 20 and [t for t in trace.text if t] == ["d507", "d507", "d247"]
+    assert "dim %{customdata[0]}" in trace.hovertemplate
+
+
+@pytest.fixture(scope="module")
+def smol_bos_pair(smollm2):
+    """The bundled model on two short samples of the same text: as its tokenizer cuts it (no BOS), and with
+    ``--bos yes``."""
+    out = {}
+    for bos in ("auto", "yes"):
+        sample = load_text(smollm2.tokenizer, TextOptions(seq_len=64, max_tokens=128, batch_size=2, bos=bos),
+                           max_positions=smollm2.info.max_positions)
+        out[bos] = sinks.run(smollm2, sample)
+    return out
+
+
+def test_no_bos_flags_position_0_as_an_arbitrary_token(smol_bos_pair, smollm2) -> None:
+    auto, yes = smol_bos_pair["auto"], smol_bos_pair["yes"]
+    assert auto.payload["bos_prepended"] is False  # SmolLM2's tokenizer adds no BOS
+    assert auto.payload["position0_arbitrary_token"] is True
+    assert "no BOS" in auto.label("sink_tokens")  # the table's heading on the page
+    assert any(p.startswith("No BOS was prepended") and "--bos yes" in p for p in auto.summary)
+    assert yes.payload["bos_prepended"] is True and yes.payload["position0_arbitrary_token"] is False
+    assert yes.label("sink_tokens") == "sink tokens"
+    assert not any("No BOS" in p for p in yes.summary)
+    # with BOS, position 0 is the same token in every sequence: every 'first' sink row is BOS
+    first = {r["token_id"] for r in yes.payload["sink_tokens"] if r["position"] == "first"}
+    assert first == {smollm2.tokenizer.bos_token_id}
+    assert len({r["token_id"] for r in auto.payload["sink_tokens"] if r["position"] == "first"}) > 1
+    # the JSON carries the flag next to bos_prepended
+    keys = list(auto.to_json_dict())
+    assert keys.index("position0_arbitrary_token") == keys.index("bos_prepended") + 1
+
+
+def test_encoder_position_0_is_cls_not_arbitrary() -> None:
+    lm = _tiny_lm(tiny_bert(), causal=False)
+    result = sinks.run(lm, sample_from_ids(_rows(2, 8), ["x"] * 2))
+    assert result.payload["position0_arbitrary_token"] is False
+
+
+def test_headlines_read_as_words_and_name_the_threshold(smol_bos_pair) -> None:
+    result = smol_bos_pair["auto"]
+    assert set(result.headlines) >= {"sink_rate_percent", "top_sink_head", "massive_dims", "max_massive_value"}
+    snake = re.compile(r"\b[a-z]+_[a-z]+\b")
+    for key in result.headlines:  # JSON keys stay; the page and the terminal show words
+        assert key in result.labels and not snake.search(result.label(key)), key
+    assert result.label("sink_rate_percent") == "sink rate Sink_1^0.3 (%)"
+    lm = _tiny_lm(tiny_llama())
+    other = sinks.run(lm, sample_from_ids(_rows(2, 8), ["x"] * 2), sinks.SinksOptions(eps=0.2, ablate=True))
+    assert other.label("sink_rate") == "sink rate Sink_1^0.2 (%)"
+    for key in other.headlines:  # the ablation headlines too
+        assert key in other.labels and not snake.search(other.label(key)), key
+
+
+def test_sink_and_massive_tokens_are_shown_by_their_bytes(smollm2) -> None:
+    """A byte-level piece of an emoji decodes alone to U+FFFD; the tables show its bytes instead."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from normscope.analyses.sinks.analysis import _massive_rows, _sink_token_rows
+
+    tok = smollm2.tokenizer
+    piece = tok("\U0001F600", add_special_tokens=False)["input_ids"][0]
+    assert "\ufffd" in tok.decode([piece])  # the defect: decoded alone it is a replacement character
+    attn = {0: SimpleNamespace(tokens=SimpleNamespace(counts=Counter({("later", piece): 3, ("first", 30): 1})))}
+    rows = _sink_token_rows(attn, tok)
+    assert rows[0]["token_id"] == piece and "\ufffd" not in rows[0]["token"] and rows[0]["token"].startswith("\\x")
+    assert rows[1]["token"] == "."
+    resid = {4: SimpleNamespace(massive={(507, 0): [2, 900.0, -900.0, piece]})}
+    assert "\ufffd" not in _massive_rows(resid, tok)[0]["token"]
+
+
+def test_every_reference_names_its_arxiv_id() -> None:
+    from normscope.analyses.sinks.options import REFERENCES
+
+    for ref in REFERENCES:
+        assert re.search(r"\(arXiv:\d{4}\.\d{4,5}\)", ref), ref
+    unified = next(r for r in REFERENCES if "Residual Sinks" in r)
+    assert unified.startswith("Qiu, Huang, Wen et al. 2026") and "arXiv:2601.22966" in unified

@@ -1,7 +1,8 @@
 """Attention sinks, residual sinks (massive activations) and outlier-driven rescaling of the norm.
 
-The package: ``options.py`` (settings, no torch), ``analysis.py`` (metrics, reducers, the run and its
-result); its names are importable from here (``normscope.sinks.run(lm, sample)``), loaded on first use.
+The package: ``options.py`` (settings, no torch), ``metrics.py`` (pure functions), ``reducers.py`` (the hook
+reducers), ``analysis.py`` (the run and its result), ``report.py`` (figures and sentences); its names are
+importable from here (``normscope.sinks.run(lm, sample)``, ``normscope.sinks.sink_rate``), loaded on first use.
 """
 
 from __future__ import annotations
@@ -9,4 +10,4 @@ from __future__ import annotations
 from normscope.analyses.base import lazy_exports, package_run
 
 run = package_run("sinks")
-__getattr__ = lazy_exports(__name__, ("options", "analysis"))
+__getattr__ = lazy_exports(__name__, ("options", "metrics", "reducers", "analysis", "report"))

@@ -10,7 +10,8 @@ REFERENCES = [
     "Gu et al. 2024, When Attention Sink Emerges in Language Models: An Empirical View (arXiv:2410.10781)",
     "Sun, Chen, Kolter, Liu 2024, Massive Activations in Large Language Models (arXiv:2402.17762)",
     "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)",
-    "A Unified View of Attention and Residual Sinks (2026): outlier-driven rescaling",
+    "Qiu, Huang, Wen et al. 2026, A Unified View of Attention and Residual Sinks: Outlier-Driven "
+    "Rescaling is Essential for Transformer Training (arXiv:2601.22966): residual sinks, outlier-driven rescaling",
 ]
 
 

@@ -1,0 +1,141 @@
+"""The pure metrics of ``normscope dla``: tensors in, numbers (or tensors of them) out; no hooks, no plotly.
+
+* direct logit attribution with the cached final-norm scale and the true direct effect (:func:`dla_and_de`),
+  and their normalised mean absolute error (:func:`nmae`): Elhage et al. 2021, "A Mathematical Framework for
+  Transformer Circuits" (DLA); Heimersheim 2024, "You can remove GPT2's LayerNorm by fine-tuning"
+  (arXiv:2409.13710); Baroni et al. 2025, "Transformers Don't Need LayerNorm at Inference Time"
+  (arXiv:2507.02559, code ``submarat/removing-layer-norm``), whose NMAE this is;
+* confidence (entropy) neurons (:func:`entropy_neuron_scores`, :func:`entropy_neuron_verdict`): Stolfo et al.
+  2024, "Confidence Regulation Neurons in Language Models" (arXiv:2406.16254); Gurnee et al. 2024, "Universal
+  Neurons in GPT2 Language Models".
+
+Conventions: logits are raw (the unembedding is not centred over the vocabulary), every position that has a
+next token is a prediction (not only the last one, as removing-layer-norm's NMAE takes), and the target is the
+next token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ENTROPY_NEURON_MAX_CE_RATIO", "dla_and_de", "entropy", "entropy_neuron_scores",
+           "entropy_neuron_verdict", "head_outputs", "next_token_targets", "nmae", "predicted_positions"]
+
+ENTROPY_NEURON_MAX_CE_RATIO = 0.5
+"""An entropy-neuron candidate whose mean-ablation moves the loss by at least this share of what it moves the
+entropy (mean |delta CE| / mean |delta entropy|) fails the definition: an entropy neuron acts on the confidence
+of the prediction, not on which token it favours (Stolfo et al. 2024)."""
+
+
+def dla_and_de(comps: torch.Tensor, resid: torch.Tensor, u: torch.Tensor, *, centered: bool,
+               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DLA (cached final-norm scale; Elhage et al. 2021, TransformerLens' ``logit_attrs``) and direct effect
+    (final norm recomputed without the component; Heimersheim 2024, Baroni et al. 2025) of every component.
+
+    comps: ``[C, N, d]`` component outputs at N predicted tokens; resid: ``[N, d]`` the final residual (input
+    of the final norm); u: ``[N, d]`` gain * W_U[target] of each token's target. ``centered``/``eps``: the
+    final norm (LayerNorm centres, RMSNorm not). Returns ``(dla, de)``, each ``[C, N]`` float64. Bias terms
+    of the norm and of the unembedding cancel in the direct effect and are not part of any component's DLA.
+    """
+    c, r, uu = comps.double(), resid.double(), u.double()
+    if centered:
+        c = c - c.mean(dim=-1, keepdim=True)
+        r = r - r.mean(dim=-1, keepdim=True)
+    d = r.shape[-1]
+    rr = r.pow(2).sum(dim=-1)  # [N]
+    s = torch.sqrt(rr / d + eps)  # [N]
+    cu = torch.einsum("cnd,nd->cn", c, uu)  # [C, N]
+    cr = torch.einsum("cnd,nd->cn", c, r)  # [C, N]
+    cc = torch.einsum("cnd,cnd->cn", c, c)  # [C, N]
+    ru = (r * uu).sum(dim=-1)  # [N]
+    s_without = torch.sqrt(((rr - 2 * cr + cc) / d).clamp_min(0) + eps)  # [C, N]: |r - c|^2 expanded
+    dla = cu / s
+    de = ru / s - (ru - cu) / s_without
+    return dla, de
+
+
+def nmae(dla: torch.Tensor, de: torch.Tensor) -> float:
+    """Normalised mean absolute error mean|DLA - DE| / mean|DE| x 100 (Baroni et al. 2025: a ratio of means),
+    over tensors of any one shape (``[C, N]``: components x predictions); NaN when every DE is 0."""
+    den = float(de.double().abs().mean())
+    return 100.0 * float((dla.double() - de.double()).abs().mean()) / den if den > 0 else math.nan
+
+
+def head_outputs(z: torch.Tensor, w_o: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What each attention head writes into the residual stream: z_h @ W_O[h] (output bias not included).
+
+    z: ``[N, n_heads * d_head]`` the input of the attention output projection; w_o: ``[n_heads * d_head, d]``
+    (x @ w_o is the projection). Returns ``[n_heads, N, d]``.
+    """
+    n, hd = z.shape
+    d_head = hd // n_heads
+    zh = z.reshape(n, n_heads, d_head)  # [N, H, d_head]
+    wh = w_o.reshape(n_heads, d_head, -1)  # [H, d_head, d]
+    return torch.einsum("nhe,hed->hnd", zh, wh.to(z.dtype))
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) over the last dim: ``[..., vocab]`` -> ``[...]``; what confidence
+    neurons regulate (Stolfo et al. 2024)."""
+    lp = F.log_softmax(logits.float(), dim=-1)
+    return -(lp.exp() * lp).sum(dim=-1)
+
+
+def entropy_neuron_scores(w_out: torch.Tensor, w_u: torch.Tensor, gain: torch.Tensor | None = None,
+                          centered: bool = False, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """||W_out[:, n]|| and the variance over the vocabulary of cos(W_out[:, n], W_U[v]) per neuron.
+
+    w_out: ``[d, n_neurons]`` (column n is what neuron n writes); w_u: ``[vocab, d]`` unembedding rows; gain:
+    ``[d]`` final-norm gain, folded into W_U as TransformerLens' fold_ln does; ``centered``: LayerNorm, so only
+    the centred parts of both matter. Entropy neurons (Stolfo et al. 2024) have a large norm and a small
+    variance: they write into directions the unembedding ignores. Returns ``(norm, var_cos)``, each ``[n]``.
+    """
+    wo = w_out.float()
+    wu = w_u.float() * (gain.float()[None] if gain is not None else 1.0)  # [vocab, d]: float32 (a big matrix)
+    if centered:
+        wo = wo - wo.mean(dim=0, keepdim=True)
+        wu = wu - wu.mean(dim=1, keepdim=True)
+    norm = wo.norm(dim=0)  # [n]
+    wu_n = wu / wu.norm(dim=1, keepdim=True).clamp_min(1e-30)  # [vocab, d]
+    var = torch.empty(wo.shape[1], dtype=torch.float32)
+    for s in range(0, wo.shape[1], chunk):
+        cols = wo[:, s:s + chunk]  # [d, c]
+        cos = wu_n @ (cols / cols.norm(dim=0, keepdim=True).clamp_min(1e-30))  # [vocab, c]
+        var[s:s + chunk] = cos.var(dim=0, unbiased=False)
+    return norm, var
+
+
+def next_token_targets(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions that predict a next token and their targets: ``sel`` ``[batch, pos]`` bool (the last position and
+    padding excluded) and ``tgt`` ``[N]``, the next token of each selected position."""
+    sel = torch.zeros_like(mask, dtype=torch.bool)
+    sel[:, :-1] = mask[:, :-1].bool() & mask[:, 1:].bool()
+    nxt = torch.zeros_like(ids)
+    nxt[:, :-1] = ids[:, 1:]
+    return sel, nxt[sel]
+
+
+def predicted_positions(sel: torch.Tensor) -> torch.Tensor:
+    """The position of each selected token: ``sel`` ``[batch, pos]`` bool -> ``[N]``."""
+    return torch.arange(sel.shape[1], device=sel.device).expand_as(sel)[sel]
+
+
+def entropy_neuron_verdict(mean_abs_delta_ce: float, mean_abs_delta_entropy: float,
+                           max_ratio: float = ENTROPY_NEURON_MAX_CE_RATIO) -> tuple[float, bool]:
+    """Whether a mean-ablated entropy-neuron candidate fails the definition (Stolfo et al. 2024).
+
+    An entropy neuron changes the entropy of the prediction much more than the loss: it writes into directions
+    the unembedding ignores and acts through the final norm's scale. A candidate ranked high by its weights
+    (||W_out|| / var cos(W_out, W_U)) whose ablation moves the loss about as much as the entropy does something
+    else, whatever its weights say. Returns ``(ratio, fails)`` with ratio = mean |delta CE| / mean |delta entropy|
+    (inf when the entropy does not move but the loss does, NaN when neither moves) and ``fails`` = ratio >=
+    ``max_ratio`` (False for NaN: nothing moved, nothing to judge).
+    """
+    if mean_abs_delta_entropy > 0:
+        ratio = mean_abs_delta_ce / mean_abs_delta_entropy
+    else:
+        ratio = math.inf if mean_abs_delta_ce > 0 else math.nan
+    return ratio, bool(ratio >= max_ratio)  # NaN >= x is False

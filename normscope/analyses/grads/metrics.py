@@ -1,0 +1,70 @@
+"""The pure metrics of ``normscope grads``: tensors in, numbers (or tensors of them) out; no hooks, no plotly.
+
+* L2 norms of parameter gradients per block and group (:func:`l2`) and the first-third / last-third ratio of a
+  per-block curve (:func:`thirds_ratio`): Li et al. 2024, "Mix-LN: Unleashing the Power of Deeper Layers by
+  Combining Pre-LN and Post-LN" (arXiv:2412.13795), after Xiong et al. 2020, "On Layer Normalization in the
+  Transformer Architecture" (arXiv:2002.04745);
+* the masked-view cosine loss of encoders without a head (:func:`mean_pool`, :func:`masked_view_loss`,
+  :func:`mask_positions`): the two-view objective of Gao et al. 2021, "SimCSE: Simple Contrastive Learning of
+  Sentence Embeddings" (arXiv:2104.08821), with masking as the augmentation, pooled as sentence-transformers do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+__all__ = ["l2", "mask_positions", "masked_view_loss", "mean_pool", "thirds_ratio"]
+
+
+def l2(tensors: list[torch.Tensor]) -> float:
+    """L2 norm of several tensors (any shapes) taken together: sqrt(sum of squares), in float64 (Mix-LN's
+    per-layer gradient norm when the tensors are one block's parameter gradients)."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors)) if tensors else 0.0
+
+
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token vectors of each row over its real tokens (sentence-transformers' mean pooling).
+
+    h: ``[batch, pos, d]``; attention_mask: ``[batch, pos]``. Returns ``[batch, d]``.
+    """
+    m = attention_mask.to(h.dtype).unsqueeze(-1)  # [batch, pos, 1]
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def masked_view_loss(h: torch.Tensor, h_masked: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence: 1 - cos(mean_pool(h), mean_pool(h_masked)).
+
+    h, h_masked: ``[batch, pos, d]``; attention_mask: ``[batch, pos]``; returns ``[batch]``.
+    """
+    return 1.0 - F.cosine_similarity(mean_pool(h, attention_mask), mean_pool(h_masked, attention_mask), dim=-1)
+
+
+def mask_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: list[int], rate: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Choose about ``rate`` of each row's real, non-special tokens (at least one) to replace by [MASK].
+
+    input_ids, attention_mask: ``[batch, pos]``; returns a bool mask ``[batch, pos]``.
+    """
+    ok = attention_mask.bool().cpu()
+    if special_ids:
+        ok &= ~torch.isin(input_ids.cpu(), torch.tensor(special_ids))
+    score = torch.rand(input_ids.shape, generator=generator)  # [batch, pos]
+    score = torch.where(ok, score, torch.full_like(score, 2.0))
+    n = (ok.sum(1).float() * rate).round().clamp_min(1).long()  # [batch]
+    order = score.argsort(dim=1)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    return ((rank < n[:, None]) & ok).to(input_ids.device)
+
+
+def thirds_ratio(values: pd.Series | np.ndarray) -> float:
+    """Mean of the first third over the mean of the last third of a per-block curve ``[n_blocks]`` (> 1:
+    gradients shrink with depth, as Mix-LN finds for Pre-LN models; < 1: they grow, as for Post-LN)."""
+    v = np.asarray(values, dtype=float)
+    k = max(1, len(v) // 3)
+    return float(np.nanmean(v[:k]) / np.nanmean(v[-k:]))
