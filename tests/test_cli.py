@@ -121,7 +121,7 @@ def test_cuda_without_cuda() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert "CUDA" in _one_line_error(runner.invoke(app, ["sinks", "--device", "cuda"]))
+    assert "CUDA" in _one_line_error(runner.invoke(app, ["sinks", "--device", "cuda", "--out", "/nonexistent-dir/x"]))
 
 
 def test_corrupted_gguf(tmp_path) -> None:

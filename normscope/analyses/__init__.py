@@ -46,7 +46,7 @@ register(AnalysisSpec(
 ))
 register(AnalysisSpec(
     name="grads", command="grads", options=GradsOptions, runner="normscope.analyses.grads.analysis:run",
-    terminal="normscope.analyses.grads.analysis:terminal_table",
+    terminal="normscope.analyses.grads.report:terminal_table",
     title="Gradient flow: L2 gradient norms per block and parameter group, and ||dL/dh|| on the residual stream.",
     references=tuple(_GRADS_REFS),
     epilog="Cost: one forward and one backward pass per batch (two views per sequence for --loss masked-view); "

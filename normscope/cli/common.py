@@ -156,6 +156,10 @@ def check_inputs(model_opts: Any, text_opts: Any, *more: Any) -> None:
 
     for o in (model_opts, text_opts, *more):
         validate(o)
+    if model_opts.device != "auto":  # a device this machine lacks is refused before anything loads
+        from normscope.core.models import resolve_device
+
+        resolve_device(model_opts.device)
     for p in text_opts.paths or ():
         if not Path(p).exists():
             raise NormscopeError(f"--text {p} does not exist; give a .txt/.jsonl file or a folder of them.")

@@ -260,8 +260,8 @@ def _build_result(lm: Any, sample: Any, opts: DlaOptions, plan: Plan, main: Attr
     worst = comps.sort_values("mean_abs_err", ascending=False).head(opts.top_components).reset_index(drop=True)
     neurons = pd.DataFrame(neuron_rows)
     if "fails_definition" in neurons:  # the verdict next to the neuron's name, where the table's reader looks
-        first = ["rank", "neuron", "label", "fails_definition", "ce_to_entropy_ratio"]
-        neurons = neurons[first + [c for c in neurons.columns if c not in first]]
+        lead = ["rank", "neuron", "label", "fails_definition", "ce_to_entropy_ratio"]
+        neurons = neurons[lead + [c for c in neurons.columns if c not in lead]]
     mean_ce = totals.ce / max(totals.n, 1)
     mean_ent = totals.ent / max(totals.n, 1)
 
