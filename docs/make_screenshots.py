@@ -56,7 +56,7 @@ def commands(work: Path, max_tokens: int) -> list[list[str]]:
     tokens = ["--max-tokens", str(max_tokens)]
     return [
         ["report", MODEL, *tokens, "--out", str(work / "report")],
-        ["compare", MODEL, OTHER, "--only", "sinks,depth", *tokens, "--out", str(work / "compare")],
+        ["compare", MODEL, OTHER, *tokens, "--out", str(work / "compare")],
         ["remove-ln", MODEL, "--sites", "ln_final", "--steps", "12", "--batch-size", "2", "--seq-len", "64",
          "--eval-max-tokens", "512", "--no-export", "--run-dir", str(work / "run"), "--out", str(work / "remove-ln")],
     ]
