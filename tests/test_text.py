@@ -14,7 +14,7 @@ from scipy import stats as sstats
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from normscope.core import prompts, text
+from normscope.core import prompts, sources, text
 from normscope.core.errors import NormscopeError
 from normscope.core.text import TextOptions, load_text
 
@@ -255,7 +255,7 @@ def test_small_chunks_give_the_same_windows(tmp_path: Path, wtok, monkeypatch) -
     words = _words(3000) + ["é"] * 5 + _words(500)  # multi-byte characters straddle some chunk borders
     p = tmp_path / "a.txt"
     p.write_text("  ".join(words[:10]) + "\n\n" + " ".join(words[10:]) + "\n", encoding="utf-8")
-    monkeypatch.setattr(text, "CHUNK_BYTES", 997)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 997)
     monkeypatch.setattr(text, "TOKENIZE_CHARS", 301)
     pieces = list(text.stream_text(p, "a.txt"))
     assert len(pieces) > 10 and "".join(pieces) == p.read_text(encoding="utf-8")
@@ -297,7 +297,7 @@ def test_file_errors(tmp_path: Path, wtok, content: bytes, pattern: str) -> None
 
 
 def test_utf8_error_offset_in_a_later_chunk(tmp_path: Path, wtok, monkeypatch) -> None:
-    monkeypatch.setattr(text, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 100)
     data = ("w1 é " * 60).encode()  # é is 2 bytes: some chunks end inside it
     p = tmp_path / "late.txt"
     p.write_bytes(data + b"\xc3(" + b" w2" * 10)
@@ -370,7 +370,7 @@ def test_dataset_without_the_package_or_offline(wtok, monkeypatch) -> None:
     pytest.importorskip("datasets")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(text, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(NormscopeError, match="cannot be reached") as ei:
         load_text(wtok, TextOptions(dataset="wikitext:wikitext-2-raw-v1:test"))
     _one_line_error(ei)
@@ -526,7 +526,7 @@ def test_streamed_file_tokenizes_like_the_whole_text(smol_tok, tmp_path: Path, m
     body = "\n\n".join(d.text for d in prompts.builtin_documents())
     p = tmp_path / "all.md"
     p.write_text(body, encoding="utf-8")
-    monkeypatch.setattr(text, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)
     monkeypatch.setattr(text, "TOKENIZE_CHARS", 1000)
     s = load_text(smol_tok, TextOptions(paths=[p], seq_len=128, max_tokens=10**6))
     direct = smol_tok(body, add_special_tokens=False)["input_ids"]
