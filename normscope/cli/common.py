@@ -104,9 +104,13 @@ def quiet_libraries() -> None:
 
 @dataclass
 class Progressor:
-    """A rich progress bar on stderr, or nothing when quiet."""
+    """A rich progress bar on stderr, or nothing when quiet or when stderr is not a terminal (a bar redrawn into
+    a log file or a pipe leaves only blank lines)."""
 
     quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.quiet = self.quiet or not err_console.is_terminal
 
     @contextmanager
     def task(self, description: str, total: float | None) -> Iterator[Callable[[float], None]]:
