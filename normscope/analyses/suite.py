@@ -183,7 +183,7 @@ def _side_by_side(meta_a: dict[str, Any], meta_b: dict[str, Any]) -> dict[str, A
         elif va == vb:
             out[key] = va
         else:
-            out[key] = f"{va} / {vb}"
+            out[key] = f"{'none' if va is None else va} / {'none' if vb is None else vb}"
     return out
 
 
@@ -247,5 +247,6 @@ def compare(lm_a: Any, sample_a: Any, runs_a: list[SuiteRun], lm_b: Any, sample_
         headlines=headlines,
         summary=summary,
         references=sorted({ref for r in runs_a if r.result for ref in r.result.references}),
-        labels={"layer_deltas": "per-depth deltas", "headline_deltas": "headline deltas"},
+        labels={"layer_deltas": "per-depth deltas", "headline_deltas": "headline deltas",
+                **{k: k for k in headlines}},  # the keys are words already
     )
