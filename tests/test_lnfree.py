@@ -1,0 +1,234 @@
+"""remove-ln, full removal (issue 11): the exact BOS treatment, the smooth global gate, the per-site log, the
+schedule checks, the outlier measurement. Tiny random models for the mechanics; the bundled SmolLM2 only for
+step-0 exactness of the BOS treatment."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from normscope.errors import NormscopeError
+from normscope.removal.export import export_model
+from normscope.removal.frozen import Removal, aux_spread
+from normscope.removal.outliers import measure
+from normscope.removal.prefix import PrefixModel, compute_prefix
+from normscope.removal.schedule import ScheduleOptions, build_schedule
+from normscope.removal.train import TrainOptions, train
+from normscope.sites import find_layout, find_norm_sites
+from normscope.text import sample_from_ids
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+BOS = 2  # tiny_tokenizer's BOS id
+
+
+def _bos_ids(n: int = 3, t: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 100, (n, t), generator=g)  # [batch, pos]
+    ids[:, 0] = BOS
+    return ids
+
+
+def _setup(**kw):
+    model = tiny_llama(**kw)
+    layout = find_layout(model)
+    return model, layout, find_norm_sites(model, layout)
+
+
+def _freeze_all(rem: Removal, model, ids: torch.Tensor, n_fixed: int = 1) -> None:
+    with torch.no_grad(), rem.tracking():
+        model(input_ids=ids)
+    for w in rem:
+        w.n_fixed = n_fixed
+        w.freeze(0, "main")
+        if w.split_v:
+            w.freeze(0, "v")
+
+
+# ---- exact BOS ------------------------------------------------------------------------------------------------
+def test_exact_bos_keeps_position_zero_exact_with_every_site_frozen():
+    model, layout, sites = _setup()
+    ids = _bos_ids()
+    ref = model(input_ids=ids).logits  # [batch, pos, vocab]
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, ids)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert rem.n_removed() == len(sites)
+    assert torch.allclose(got[:, 0], ref[:, 0], atol=1e-5)  # position 0: its own divisor, exact
+    assert (got[:, 1:] - ref[:, 1:]).abs().max() > 1e-3  # the rest really divides by the frozen scalars
+    for w in rem:  # a frozen position-0 divisor measured on the same fixed BOS is exact too (constant trajectory)
+        w.n_fixed, w.first_blend = 0, 0.0
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+    assert torch.allclose(own[:, 0], ref[:, 0], atol=1e-5)
+    for w in rem:  # divided by the shared scalar instead, position 0 changes
+        w.first_blend = 1.0
+    with torch.no_grad():
+        shared = model(input_ids=ids).logits
+    assert (shared[:, 0] - ref[:, 0]).abs().max() > 1e-3
+
+
+def test_prefix_export_reproduces_the_trained_model_after_the_bos(tmp_path):
+    model, layout, sites = _setup()
+    ids = _bos_ids()
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, ids)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    prefix = compute_prefix(model, [BOS])
+    assert len(prefix.keys) == model.config.num_hidden_layers and prefix.keys[0].shape[2] == 1
+    out, plain = export_model(model, rem, tiny_tokenizer(), tmp_path / "exp", {}, prefix=prefix)
+    manifest = json.loads((out / "normscope_removal.json").read_text())
+    assert manifest["export_kind"].startswith("plain checkpoint + BOS") and manifest["prefix_ids"] == [BOS]
+    from transformers import AutoModelForCausalLM
+
+    from normscope.removal.prefix import Prefix
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
+    pm = PrefixModel(loaded, Prefix.load(out)).eval()
+    with torch.no_grad():
+        got = pm(input_ids=ids).logits
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    with pytest.raises(ValueError, match="fixed prefix"):
+        pm(input_ids=ids[:, 1:])
+
+
+def test_aux_spread_leaves_the_fixed_prefix_out_and_takes_a_fixed_target():
+    d = torch.tensor([[[100.0], [2.0], [2.0], [4.0]]])  # [1, 4, 1]: position 0 is huge
+    base = aux_spread(d)  # position 0 counts (target 8/3 from positions >= 1)
+    skip = aux_spread(d, skip=1)
+    t = 8.0 / 3.0
+    assert skip == pytest.approx(((2 - t) ** 2 * 2 + (4 - t) ** 2) / 3 / t**2)
+    assert base > 100 * skip
+    fixed = aux_spread(d, skip=1, target=2.0)
+    assert fixed == pytest.approx((0 + 0 + 1.0) / 3)
+    assert aux_spread(d, "log", skip=1, target=2.0) == pytest.approx(float(torch.log(torch.tensor(2.0)) ** 2 / 3))
+
+
+# ---- the smooth global gate and the schedule --------------------------------------------------------------------
+def test_taper_removes_every_site_at_once_on_a_cosine_gate():
+    _, _, sites = _setup()
+    s = build_schedule(sites, 40, ScheduleOptions(start=3, ramp_steps=20, ramp_shape="cosine", taper=True),
+                       first_token=False)
+    assert {e.step for e in s.events} == {3} and len(s.events) == len(sites)
+    e = s.events[0]
+    r = [s.ramp(e, k) for k in range(2, 25)]
+    assert r[0] == 0.0 and r[-1] == 1.0 and all(b >= a for a, b in zip(r, r[1:], strict=False))
+    assert s.ramp(e, 3) < 0.01 and s.ramp(e, 12) == pytest.approx(0.5)
+    assert s.ramp(e, 7) == pytest.approx(0.5 * (1 - math.cos(math.pi * 5 / 20)))
+    assert s.first_token_start is None and s.done_by == 22
+
+
+def test_a_too_dense_automatic_schedule_is_refused_with_the_steps_it_needs():
+    _, _, sites = _setup(n_layers=8)
+    with pytest.raises(NormscopeError, match=r"up to \d+ norm paths on one step.*give --steps (\d+)") as info:
+        build_schedule(sites, 12, ScheduleOptions(ramp_steps=1, first_frac=0.0))
+    need = int(info.value.args[0].split("give --steps ")[1].split()[0])
+    build_schedule(sites, need, ScheduleOptions(ramp_steps=1, first_frac=0.0))  # accepted
+
+
+def test_follow_divisor_tracks_the_ema_while_the_gate_is_open_then_stays():
+    model, layout, sites = _setup()
+    ids = _bos_ids()
+    rem = Removal(model, layout, sites, momentum=0.0)
+    w = rem[sites[0].name]
+    with torch.no_grad(), rem.tracking():
+        model(input_ids=ids)
+    w.follow = True
+    w.freeze(0)
+    w.ramp = 0.5
+    d0 = w.divisor
+    with torch.no_grad(), rem.tracking():
+        model(input_ids=ids * 0 + 7)  # other text: another mean divisor
+    assert w.divisor == w.ema != d0
+    w.ramp = 1.0
+    d1 = w.divisor
+    with torch.no_grad(), rem.tracking():
+        model(input_ids=ids)
+    assert w.divisor == d1  # the gate is closed: frozen for good
+
+
+def test_exact_bos_taper_training_logs_sites_and_exports_a_prefix(tmp_path):
+    model, layout, sites = _setup()
+    ids = _bos_ids(32, 16)
+    sample = sample_from_ids(ids.tolist(), ["x"] * 32, batch_size=4, bos_prepended=True)
+    opts = TrainOptions(steps=14, lr=1e-3, exact_bos=True, aux_sites="all", aux_form="log", aux_anchor=True,
+                        schedule=ScheduleOptions(start=2, ramp_steps=8, ramp_shape="cosine", taper=True))
+    res = train(model, layout, sites, sample.batches, opts, tmp_path / "run")
+    assert res.removal.n_removed() == len(sites) and res.diverged_at is None
+    assert all(w.n_fixed == 1 and w.follow for w in res.removal)
+    final = next(w for w in res.removal if w.role == "final")
+    assert final.aux_target is not None and final.aux_target > 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "sites.jsonl").read_text().splitlines()]
+    assert len(lines) == 14 and set(lines[0]["sites"]) == {s.name for s in sites}
+    gain, rel, peak, tok = lines[5]["sites"]["blocks.0.ln2"]
+    assert gain > 0 and 0 < rel < 1 and peak >= 1.0 and 4 <= tok < 100
+    assert lines[5]["first_nonfinite_input"] is None
+    # position 0 stayed exact: the trained wrapped model's position-0 logits equal a live pass's
+    with torch.no_grad():
+        got = model(input_ids=ids[:2]).logits[:, 0]
+        for w in res.removal:
+            w.frozen, w.frozen_v = False, False
+        live = model(input_ids=ids[:2]).logits[:, 0]
+    assert torch.allclose(got, live, atol=1e-5)
+
+
+# ---- measurement ------------------------------------------------------------------------------------------------
+def test_measure_skips_position_zero_and_finds_a_planted_massive_activation():
+    model, layout, sites = _setup()
+    ids = _bos_ids(4, 12)
+    ids[1, 3] = 50
+    hook_layer = layout.blocks[-1].module  # the last block: nothing downstream spreads it
+
+    def plant(module, args, out):  # a massive value at (row 1, pos 3, dim 5) and at position 0
+        h = out[0] if isinstance(out, tuple) else out
+        h = h.clone()
+        h[:, 0, 7] = 5000.0
+        h[1, 3, 5] = 3000.0
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = hook_layer.register_forward_hook(plant)
+    try:
+        sample = sample_from_ids(ids.tolist(), ["x"] * 4, batch_size=4, bos_prepended=True)
+        massive, spread = measure(model, layout, sites, sample.batches)
+    finally:
+        handle.remove()
+    table = massive.table(tiny_tokenizer())
+    assert list(table.token_id) == [50] and table.hits[0] == 1 and table.dims[0] == "5"
+    assert table.positions[0] == "3" and table.max_abs[0] == pytest.approx(3000.0)
+    assert massive.pos0_max[-1] == pytest.approx(5000.0)
+    st = spread.table(tiny_tokenizer())
+    row = st[st.site == "ln_final"].iloc[0]
+    assert row.max_over_mean > 4 and row.position0_over_mean > 4 and "x1" in row.tokens_over_bar
+
+
+# ---- the bundled model: step-0 exactness -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_step0_exact_bos_matches_the_original_with_bos(smollm2):
+    """At step 0, (a) the wrapped model with every site frozen gives position 0 the original's outputs, and (b)
+    the BOS replaced by its key/value prefix (computed from the original) gives the original's logits at every
+    position, both within 1e-4."""
+    tok = smollm2.tokenizer
+    text = "It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of"
+    ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"][:23]] * 2)
+    ids[1, 5] = ids[0, 7]  # two different rows
+    model = smollm2.model
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits  # [2, 24, vocab]
+    prefix = compute_prefix(model, [tok.bos_token_id])
+    with torch.no_grad():
+        got = PrefixModel(model, prefix)(input_ids=ids).logits
+    assert float((got - ref).abs().max()) < 1e-4
+    student = copy.deepcopy(model)
+    layout = find_layout(student)
+    rem = Removal(student, layout, find_norm_sites(student, layout))
+    _freeze_all(rem, student, ids)
+    assert rem.n_removed() == 61
+    with torch.no_grad():  # BOS alone: untrained, the frozen positions >= 1 overflow, and 0 x inf in the
+        frozen = student(input_ids=ids[:, :1], use_cache=False).logits  # attention would reach position 0
+    assert float((frozen[:, 0] - ref[:, 0]).abs().max()) < 1e-4
