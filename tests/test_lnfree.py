@@ -232,3 +232,15 @@ def test_smollm2_step0_exact_bos_matches_the_original_with_bos(smollm2):
     with torch.no_grad():  # BOS alone: untrained, the frozen positions >= 1 overflow, and 0 x inf in the
         frozen = student(input_ids=ids[:, :1], use_cache=False).logits  # attention would reach position 0
     assert float((frozen[:, 0] - ref[:, 0]).abs().max()) < 1e-4
+
+
+# ---- the CLI's failure line ----------------------------------------------------------------------------------
+def test_run_failure_says_why_a_finished_run_failed():
+    from normscope.cli.remove_ln import run_failure
+
+    ok = {"diverged_at_step": None, "ce_ln_free": 3.5, "export": "runs/x/ln-free-model", "sites_removed": "61 / 61"}
+    assert run_failure(ok, export_asked=True) is None
+    assert "diverged at step 48" in run_failure({**ok, "diverged_at_step": 48, "export": None}, True)
+    assert "CE is inf" in run_failure({**ok, "ce_ln_free": float("inf")}, True)
+    assert "none was written" in run_failure({**ok, "export": None, "sites_removed": "25 / 61"}, True)
+    assert run_failure({**ok, "export": None}, export_asked=False) is None

@@ -71,7 +71,7 @@ class RemovalProgress(Progressor):
 DEFAULT_SELF_GENERATED = 512  # sequences sampled when no training text is given
 Steps = Annotated[int, typer.Option(
     "--steps", min=2, help="Optimizer steps (the paper: 300 for GPT-2 small). At least 8 with the automatic "
-    "schedule, and enough that it removes at most 2 norm paths a step (refused up front otherwise, with the "
+    "schedule, and enough that it removes at most 3 norm paths a step (refused up front otherwise, with the "
     "number to give); at least 2 with --start and the --gap-* options.")]
 Gap = Annotated[float | None, typer.Option(min=0.0)]
 

@@ -60,7 +60,7 @@ class ScheduleOptions:
     slowly)."""
     taper: bool = False
     """Every site at once (all gaps 0) on one long ramp: a smooth global gate instead of per-site switches."""
-    max_per_step: int = 2
+    max_per_step: int = 3
     """The automatic schedule is refused when it would remove more site paths than this on one step."""
     start_frac: float = 0.05
     ramp_frac: float = 0.1
