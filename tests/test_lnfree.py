@@ -244,3 +244,15 @@ def test_run_failure_says_why_a_finished_run_failed():
     assert "CE is inf" in run_failure({**ok, "ce_ln_free": float("inf")}, True)
     assert "none was written" in run_failure({**ok, "export": None, "sites_removed": "25 / 61"}, True)
     assert run_failure({**ok, "export": None}, export_asked=False) is None
+
+
+def test_damage_at_position_is_the_share_of_the_loss_increase():
+    from normscope.removal.evaluate import TokenLosses
+    from normscope.removal.pipeline import damage_at_position
+
+    pos = torch.tensor([1, 2, 3, 1, 2, 3])
+    z = torch.zeros(6, dtype=torch.long)
+    base = TokenLosses(torch.tensor([1.0, 1, 1, 1, 1, 1]), z, z, pos)
+    new = TokenLosses(torch.tensor([4.0, 1.5, 1, 2, 1.5, 1]), z, z, pos)
+    assert damage_at_position(base, new, 1) == pytest.approx(4.0 / 5.0)
+    assert damage_at_position(base, base, 1) is None

@@ -452,7 +452,12 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
     gap_c = ce.loc[ce.model == "LN-free", "gap_vs_control"].iloc[0]
     gap_o = ce.loc[ce.model == "LN-free", "gap_vs_original"].iloc[0]
     tokens = sum(h.tokens for h in res.history)
+    ref_name = "control" if "control" in scored else "original"
+    pos1 = damage_at_position(scored[ref_name], scored["LN-free"], 1)
     headlines: dict[str, Any] = {
+        "damage_share_at_position_1": None if pos1 is None else round(pos1, 4),
+        "damage_reference": ref_name,
+        "p99_9_ln_free": round(stats["LN-free"]["p99_9"], 3),
         "ce_original": round(stats["original"]["mean"], 4),
         "ce_control": round(stats["control"]["mean"], 4) if "control" in stats else None,
         "ce_ln_free": round(stats["LN-free"]["mean"], 4),
@@ -496,6 +501,17 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
     return Result(analysis="remove-ln", title="LayerNorm / RMSNorm removal by fine-tuning",
                   meta=build_meta(lm, train_sample, **settings), payload=payload, tables=tables, figures=figures,
                   headlines=headlines, summary=summary, references=REFERENCES)
+
+
+def damage_at_position(base: ev.TokenLosses, new: ev.TokenLosses, position: int) -> float | None:
+    """Share of the total held-out loss increase (``new`` over ``base``, same tokens) that falls on the tokens
+    predicted at ``position`` (position 1: predicted from the BOS alone). None when nothing got worse or a
+    loss is not finite."""
+    delta = new.losses.double() - base.losses.double()  # [n_tokens]
+    total = float(delta.sum())
+    if not torch.isfinite(delta).all() or total <= 0:
+        return None
+    return float(delta[new.pos == position].sum()) / total
 
 
 def _norm_table(norms: dict[str, pd.DataFrame]) -> pd.DataFrame:
