@@ -256,3 +256,25 @@ def test_damage_at_position_is_the_share_of_the_loss_increase():
     new = TokenLosses(torch.tensor([4.0, 1.5, 1, 2, 1.5, 1]), z, z, pos)
     assert damage_at_position(base, new, 1) == pytest.approx(4.0 / 5.0)
     assert damage_at_position(base, base, 1) is None
+
+
+def test_guard_caps_a_runaway_token_in_training_only_and_penalises_it():
+    model, layout, sites = _setup()
+    ids = _bos_ids()
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, ids)
+    w = rem["blocks.1.ln2"]
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(0)) * w.divisor  # RMS ~ the divisor
+    x[1, 3] *= 50.0  # one token far above the frozen divisor
+    w.guard = 4.0
+    w.train()
+    y = w(x)
+    ratio = w.live_divisor(x) / w.divisor  # [2, 6, 1]
+    assert float(ratio[1, 3]) > 4
+    out_rms = (y / w.weight).pow(2).mean(-1).sqrt()  # the normalised token, before the gain
+    assert float(out_rms[1, 3]) == pytest.approx(4.0, rel=1e-4)
+    assert torch.allclose(y[0, 1:], w._affine(x[0, 1:].float() / w.divisor, x.dtype), atol=1e-6)  # others: frozen
+    pen = w.guard_penalty(w.live_divisor(x))
+    assert float(pen) == pytest.approx(float(torch.log(ratio[1, 3] / 4) ** 2) / (2 * 5), rel=1e-4)
+    w.eval()  # evaluation and export: no guard
+    assert float(((w(x) / w.weight).pow(2).mean(-1).sqrt())[1, 3]) > 4.5

@@ -164,6 +164,10 @@ def remove_ln(
         "starting at --start, its fixed divisor following the running mean until the gate closes.")] = False,
     ramp_shape: Annotated[str, typer.Option(
         "--ramp-shape", help="linear or cosine (TaperNorm's gate: slow at both ends).")] = "linear",
+    guard: Annotated[float, typer.Option(
+        "--guard", min=0.0, help="Training only: normalise any token whose divisor exceeds this many times its "
+        "site's frozen divisor down to that ratio, and penalise the excess, so a rare token running away through "
+        "frozen SwiGLU MLPs gives a gradient instead of a skipped step (the export has no guard; 0: off).")] = 0.0,
     aux_anchor: Annotated[bool, typer.Option(
         "--aux-anchor", help="Fixed target for the final norm's aux loss: the calibrated mean divisor of "
         "ordinary tokens (TaperNorm's scale anchor).")] = False,
@@ -245,7 +249,7 @@ def remove_ln(
                          distill_weight=distill_weight if distill else 0.0, momentum=momentum,
                          first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
                          save_every=save_every, keep_checkpoints=keep_checkpoints, log_sites=log_sites,
-                         exact_bos=exact_bos, aux_anchor=aux_anchor)
+                         exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard)
     ropts = RemoveLnOptions(train=topts, control=control, sites=sites, run_dir=rdir, resume=resume, export=export,
                             export_dir=export_dir, site_costs=site_costs, only=only, eps=export_eps)
     check(lm, ropts)

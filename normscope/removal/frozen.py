@@ -143,6 +143,8 @@ class FrozenNorm(nn.Module):
         self.follow = False  # while ramping, the frozen divisor follows the EMA (a smooth global gate)
         self.aux_target: float | None = None  # fixed aux target (the final norm's scale anchor)
         self.aux_skip_first = 0  # the aux loss leaves positions < this out (a fixed prefix keeps its divisors)
+        self.guard = 0.0  # training only: cap a token's divisor ratio at guard (0: off); see guard_penalty
+        self.guard_weight = 10.0
         # per-forward switches and outputs
         self.tracking = False
         self.aux = False
@@ -215,11 +217,26 @@ class FrozenNorm(nn.Module):
         if self.centered:
             xf = xf - xf.mean(dim=-1, keepdim=True)
         inv = self._frozen_inverse(x)
-        if ramp < 1.0:
+        guard = self.guard > 0 and self.training
+        if ramp < 1.0 or guard:
             live = torch.sqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # [..., 1], with gradients
+        if ramp < 1.0:
             frozen = inv if isinstance(inv, torch.Tensor) else torch.tensor(inv, device=x.device)
             inv = torch.exp(-(1.0 - ramp) * torch.log(live) + ramp * torch.log(frozen))
+        if guard:  # training only: a token above guard x the frozen divisor is normalised down to guard
+            inv = torch.minimum(torch.as_tensor(inv, device=x.device), self.guard / live)
         return self._affine(xf * inv, x.dtype)
+
+    def guard_penalty(self, div: torch.Tensor) -> torch.Tensor | None:
+        """mean_t relu(log(d_t / (guard * d)))^2 over positions past the fixed prefix: what the guard had to
+        catch, so that the model learns to keep every token inside it (the export has no guard)."""
+        if not (self.guard > 0 and self.frozen and self.divisor is not None):
+            return None
+        d = div.float()
+        k = max(self.n_fixed, self.aux_skip_first)
+        if k and d.dim() >= 2 and d.shape[1] > k:
+            d = d[:, k:]
+        return torch.relu(torch.log(d / (self.guard * self.divisor))).pow(2).mean()
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, pos, d] (or [batch, pos, heads, d_head])
@@ -227,6 +244,9 @@ class FrozenNorm(nn.Module):
             div = self.live_divisor(x)  # [..., 1], with gradients for the aux loss
             self.aux_term = aux_spread(div, self.aux_form, skip=max(self.n_fixed, self.aux_skip_first),
                                        target=self.aux_target)
+            pen = self.guard_penalty(div)
+            if pen is not None:
+                self.aux_term = self.aux_term + self.guard_weight * pen
         elif self.tracking or self.watch:
             with torch.no_grad():
                 div = self.live_divisor(x)
@@ -309,7 +329,8 @@ class FrozenNorm(nn.Module):
         """JSON-ready divisor state (floats round-trip exactly through JSON)."""
         return {k: getattr(self, k) for k in ("ema", "ema_first", "divisor", "divisor_first", "first_blend",
                                               "frozen", "frozen_v", "split_v", "frozen_at", "frozen_v_at", "ramp",
-                                              "ramp_v", "n_fixed", "follow", "aux_target", "aux_skip_first")}
+                                              "ramp_v", "n_fixed", "follow", "aux_target", "aux_skip_first",
+                                              "guard", "guard_weight")}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

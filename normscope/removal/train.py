@@ -52,7 +52,8 @@ WEIGHTS_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
 
 
-REMOVAL_ONLY = ("distill_weight", "momentum", "first_token", "split_value", "schedule", "aux_anchor")
+REMOVAL_ONLY = ("distill_weight", "momentum", "first_token", "split_value", "schedule", "aux_anchor", "guard",
+                "guard_weight")
 """TrainOptions fields that only the LN-free run reads (a control ignores them)."""
 
 
@@ -99,6 +100,12 @@ class TrainOptions:
     """With ``exact_bos``: how many leading positions are a fixed prefix kept on their own live divisors (1:
     the BOS alone; 2: BOS plus a fixed second token, when the first text token would carry a massive
     activation of its own)."""
+    guard: float = 0.0
+    """Training only: a token whose divisor exceeds ``guard`` x its site's frozen divisor is normalised down to
+    that ratio, and the excess is penalised (``guard_weight`` x mean relu(log ratio / guard)^2 in the aux
+    loss), so a rare runaway token through consecutive frozen SwiGLU MLPs gives a gradient instead of an
+    overflowing, skipped step. The export has no guard; the held-out CE is measured on the export. 0: off."""
+    guard_weight: float = 10.0
     aux_anchor: bool = False
     """Give the final norm's aux loss a fixed target, the calibrated mean divisor of positions >= 1 (TaperNorm's
     scale anchor), instead of the batch mean."""
@@ -445,6 +452,7 @@ def train(
         if not control:
             w.n_fixed = opts.fixed_prefix if opts.exact_bos else 0
             w.follow = opts.schedule.taper
+            w.guard, w.guard_weight = opts.guard, opts.guard_weight
     aux_names = _aux_site_names(removal, opts.aux_sites)
     watch = SiteWatch(removal, site_consumers(layout, removal)) if opts.log_sites and rank == 0 else None
     if opts.aux_form not in ("squared", "log"):
