@@ -278,3 +278,32 @@ def test_guard_caps_a_runaway_token_in_training_only_and_penalises_it():
     assert float(pen) == pytest.approx(float(torch.log(ratio[1, 3] / 4) ** 2) / (2 * 5), rel=1e-4)
     w.eval()  # evaluation and export: no guard
     assert float(((w(x) / w.weight).pow(2).mean(-1).sqrt())[1, 3]) > 4.5
+
+
+# ---- the command, end to end (tiny Llama) -----------------------------------------------------------------------
+def test_cli_exact_bos_taper_guard_with_control_exports_a_prefix_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from normscope.cli import app
+    from tests.test_removal import TEXT
+    from tests.tiny import save_tiny
+
+    folder = save_tiny(tiny_llama(), tiny_tokenizer(), tmp_path / "llama")
+    (tmp_path / "train.txt").write_text(TEXT * 12)
+    (tmp_path / "eval.txt").write_text(TEXT[::-1] * 3)
+    args = ["remove-ln", str(folder), "--text", str(tmp_path / "train.txt"), "--eval-text", str(tmp_path / "eval.txt"),
+            "--steps", "14", "--seq-len", "32", "--batch-size", "4", "--exact-bos", "--taper", "--ramp-shape",
+            "cosine", "--start", "2", "--ramp-steps", "8", "--aux-sites", "all", "--aux-form", "log", "--aux-anchor",
+            "--guard", "4", "--distill", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]
+    res = CliRunner().invoke(app, [*args, "--only", "ln-free"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, [*args, "--control", "--only", "control"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, [*args, "--control", "--resume"])
+    assert res.exit_code == 0, res.output
+    h = json.loads((tmp_path / "rep" / "remove-ln.json").read_text())["headlines"]
+    assert h["sites_removed"] == "5 / 5" and h["export_kind"].endswith("(bos_prefix.safetensors)")
+    assert h["export_max_logit_diff"] < 1e-3 and h["gap_vs_control"] is not None
+    assert "export: a plain transformers checkpoint plus a BOS key/value prefix" in res.output
+    assert (tmp_path / "run" / "ln-free-model" / "bos_prefix.safetensors").exists()
+    assert (tmp_path / "run" / "ln-free" / "sites.jsonl").exists()
