@@ -242,6 +242,8 @@ def test_run_failure_says_why_a_finished_run_failed():
     assert run_failure(ok, export_asked=True) is None
     assert "diverged at step 48" in run_failure({**ok, "diverged_at_step": 48, "export": None}, True)
     assert "CE is inf" in run_failure({**ok, "ce_ln_free": float("inf")}, True)
+    assert "removal failed" in run_failure({**ok, "ce_original": 3.73, "ce_ln_free": 6.2e6}, True)
+    assert run_failure({**ok, "ce_original": 3.73, "ce_ln_free": 4.0}, True) is None
     assert "none was written" in run_failure({**ok, "export": None, "sites_removed": "25 / 61"}, True)
     assert run_failure({**ok, "export": None}, export_asked=False) is None
 

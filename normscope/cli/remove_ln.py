@@ -307,6 +307,9 @@ def remove_ln(
         eprint(f"export: {kind} in {result.headlines.get('export')}" if kind else "export: none (--no-export)")
 
 
+FAILED_GAP = 2.0  # nats above the original beyond which a finished run counts as failed (exit status 1)
+
+
 def run_failure(headlines: dict[str, Any], export_asked: bool) -> str | None:
     """The one-line reason a finished run failed (diverged, non-finite held-out CE, no export when asked)."""
     import math
@@ -317,6 +320,11 @@ def run_failure(headlines: dict[str, Any], export_asked: bool) -> str | None:
     ce = headlines.get("ce_ln_free")
     if ce is None or not math.isfinite(float(ce)):
         return f"error: the LN-free model's held-out CE is {ce}; nothing usable was produced."
+    ce0 = headlines.get("ce_original")
+    if ce0 is not None and float(ce) > float(ce0) + FAILED_GAP:
+        return (f"error: the LN-free model's held-out CE is {float(ce):.4g}, {float(ce) - float(ce0):.3g} nats above "
+                f"the original's {float(ce0):.4f} (more than {FAILED_GAP:g}): the removal failed even though every "
+                "step stayed finite.")
     if export_asked and not headlines.get("export"):
         return (f"error: an export was asked for but none was written ({headlines.get('sites_removed')} sites "
                 "removed); see the report's note.")
