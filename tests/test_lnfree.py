@@ -309,3 +309,34 @@ def test_cli_exact_bos_taper_guard_with_control_exports_a_prefix_model(tmp_path)
     assert "export: a plain transformers checkpoint plus a BOS key/value prefix" in res.output
     assert (tmp_path / "run" / "ln-free-model" / "bos_prefix.safetensors").exists()
     assert (tmp_path / "run" / "ln-free" / "sites.jsonl").exists()
+
+
+def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path):
+    from normscope.removal.train import StopFlag, TrainingStopped
+
+    ids = _bos_ids(32, 16)
+    sample = sample_from_ids(ids.tolist(), ["x"] * 32, batch_size=4, bos_prepended=True)
+
+    def run(run_dir, stop_at=None, resume=False):
+        model, layout, sites = _setup()
+        flag = StopFlag()
+
+        def progress(log):
+            if stop_at is not None and log.step + 1 == stop_at:
+                flag.request("SIGTERM")
+
+        opts = TrainOptions(steps=12, lr=2e-3, exact_bos=True, aux_sites="all", aux_form="log", aux_anchor=True,
+                            guard=2.0, save_every=4, schedule=ScheduleOptions(start=2, ramp_steps=6,
+                                                                               ramp_shape="cosine", taper=True))
+        return train(model, layout, sites, sample.batches, opts, run_dir, resume=resume, progress=progress,
+                     stop=flag), model
+
+    full, m_full = run(tmp_path / "full")
+    with pytest.raises(TrainingStopped):
+        run(tmp_path / "cut", stop_at=5)
+    again, m_again = run(tmp_path / "cut", resume=True)
+    assert again.resumed_from == 5
+    assert [h.loss for h in again.history] == [h.loss for h in full.history]
+    assert again.removal.state() == full.removal.state()
+    for a, b in zip(m_full.state_dict().values(), m_again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
