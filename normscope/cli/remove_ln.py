@@ -69,7 +69,10 @@ class RemovalProgress(Progressor):
 
 
 DEFAULT_SELF_GENERATED = 512  # sequences sampled when no training text is given
-Steps = Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps (the paper: 300 for GPT-2 small).")]
+Steps = Annotated[int, typer.Option(
+    "--steps", min=2, help="Optimizer steps (the paper: 300 for GPT-2 small). At least 8 with the automatic "
+    "schedule, and enough that it removes at most 3 norm paths a step (refused up front otherwise, with the "
+    "number to give); at least 2 with --start and the --gap-* options.")]
 Gap = Annotated[float | None, typer.Option(min=0.0)]
 
 
@@ -151,10 +154,34 @@ def remove_ln(
     ramp_steps: Annotated[int | None, typer.Option(
         "--ramp-steps", min=1, help="Steps over which each removed site moves from its per-token to its frozen "
         "divisor (1: at once, as published; default 10% of --steps).")] = None,
+    exact_bos: Annotated[bool, typer.Option(
+        "--exact-bos", help="Exact BOS treatment (implies --bos yes): position 0 keeps its own divisor at every "
+        "site for the whole run, which is exact because a fixed BOS has the same trajectory for every input; "
+        "every site is removed for positions >= 1, and the export is a plain checkpoint plus the BOS's keys and "
+        "values per layer (bos_prefix.safetensors).")] = False,
+    taper: Annotated[bool, typer.Option(
+        "--taper", help="A smooth global gate (TaperNorm): every site leaves together on one --ramp-steps ramp "
+        "starting at --start, its fixed divisor following the running mean until the gate closes.")] = False,
+    ramp_shape: Annotated[str, typer.Option(
+        "--ramp-shape", help="linear or cosine (TaperNorm's gate: slow at both ends).")] = "linear",
+    guard: Annotated[float, typer.Option(
+        "--guard", min=0.0, help="Training only: normalise any token whose divisor exceeds this many times its "
+        "site's frozen divisor down to that ratio, and penalise the excess, so a rare token running away through "
+        "frozen SwiGLU MLPs gives a gradient instead of a skipped step (the export has no guard; 0: off).")] = 0.0,
+    aux_anchor: Annotated[bool, typer.Option(
+        "--aux-anchor", help="Fixed target for the final norm's aux loss: the calibrated mean divisor of "
+        "ordinary tokens (TaperNorm's scale anchor).")] = False,
     momentum: Annotated[float, typer.Option("--momentum", min=0.0, max=1.0,
                                             help="EMA momentum of the divisors.")] = 0.9,
     save_every: Annotated[int, typer.Option("--save-every", min=0,
                                             help="Steps between checkpoints (0: end only).")] = 50,
+    keep_checkpoints: Annotated[int, typer.Option(
+        "--keep-checkpoints", min=1, help="Checkpoints kept per run (each is weights + AdamW state: about 12 "
+        "bytes a parameter, 1.6 GB for SmolLM2-135M).")] = 2,
+    log_sites: Annotated[bool, typer.Option(
+        "--log-sites/--no-log-sites", help="Write RUN_DIR/ln-free/sites.jsonl: per step and site ||w||, "
+        "||dw||/||w|| of the weights reading it, its worst token's divisor ratio, the first non-finite "
+        "input.")] = True,
     run_dir: Annotated[Path | None, typer.Option(
         "--run-dir", help="Checkpoints and the exported model. Default: runs/remove-ln/MODEL/.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --run-dir.")] = False,
@@ -190,6 +217,12 @@ def remove_ln(
     progress = RemovalProgress(quiet or as_json)
     if bos not in ("auto", "yes", "no"):
         raise NormscopeError(f"--bos must be auto, yes or no, not '{bos}'.")
+    if exact_bos:
+        if bos == "no":
+            raise NormscopeError("--exact-bos needs a fixed BOS at position 0; drop --bos no.")
+        bos = "yes"
+    if ramp_shape not in ("linear", "cosine"):
+        raise NormscopeError(f"--ramp-shape must be linear or cosine, not '{ramp_shape}'.")
     if sum(bool(x) for x in (text, dataset, self_generated)) > 1:
         raise NormscopeError("Give one source of training text: --text, --dataset or --self-generated.")
     if text and eval_text:
@@ -210,15 +243,23 @@ def remove_ln(
     rdir = run_dir or Path("runs") / "remove-ln" / lm.info.slug
     sched = ScheduleOptions(start=start, gap_ln2=gap_ln2, gap_ln1qk=gap_ln1qk, gap_ln1v=gap_ln1v,
                             gap_qk_norm=gap_qk_norm, gap_final=gap_final, first_token_steps=first_token_steps,
-                            ramp_steps=ramp_steps)
+                            ramp_steps=ramp_steps, ramp_shape=ramp_shape, taper=taper)
     topts = TrainOptions(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
                          grad_accum=grad_accum, aux_weight=aux_weight, aux_sites=aux_sites, aux_form=aux_form,
                          distill_weight=distill_weight if distill else 0.0, momentum=momentum,
                          first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
-                         save_every=save_every)
+                         save_every=save_every, keep_checkpoints=keep_checkpoints, log_sites=log_sites,
+                         exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard)
     ropts = RemoveLnOptions(train=topts, control=control, sites=sites, run_dir=rdir, resume=resume, export=export,
                             export_dir=export_dir, site_costs=site_costs, only=only, eps=export_eps)
     check(lm, ropts)
+    if not quiet and not as_json and int(os.environ.get("RANK", "0")) == 0:
+        n_params = sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
+        ckpt_gb = 12 * n_params / 1e9  # fp32 weights + AdamW's two moments
+        runs = 2 if control and only is None else 1
+        total = runs * keep_checkpoints * ckpt_gb + (4 * n_params / 1e9 if export else 0.0)
+        eprint(f"disk: up to {total:.1f} GB in {rdir} ({keep_checkpoints} checkpoint(s) of {ckpt_gb:.1f} GB per "
+               f"run x {runs} run(s){' + the export' if export else ''}; --keep-checkpoints to change).")
     tokens_needed = max_tokens or steps * grad_accum * batch_size * seq_len
     if not text and not dataset and not self_generated:
         self_generated = min(steps * grad_accum * batch_size, DEFAULT_SELF_GENERATED)
@@ -257,6 +298,37 @@ def remove_ln(
                    "(without --only).")
         return
     finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=_table(result))
+    failure = run_failure(result.headlines, export)
+    if failure:
+        eprint(failure)
+        raise typer.Exit(code=1)
+    if not quiet and not as_json:
+        kind = result.headlines.get("export_kind")
+        eprint(f"export: {kind} in {result.headlines.get('export')}" if kind else "export: none (--no-export)")
+
+
+FAILED_GAP = 2.0  # nats above the original beyond which a finished run counts as failed (exit status 1)
+
+
+def run_failure(headlines: dict[str, Any], export_asked: bool) -> str | None:
+    """The one-line reason a finished run failed (diverged, non-finite held-out CE, no export when asked)."""
+    import math
+
+    if headlines.get("diverged_at_step") is not None:
+        return (f"error: training diverged at step {headlines['diverged_at_step']} ({headlines.get('sites_removed')} "
+                "sites removed); nothing was exported. Slow the schedule, lower --lr, or see sites.jsonl.")
+    ce = headlines.get("ce_ln_free")
+    if ce is None or not math.isfinite(float(ce)):
+        return f"error: the LN-free model's held-out CE is {ce}; nothing usable was produced."
+    ce0 = headlines.get("ce_original")
+    if ce0 is not None and float(ce) > float(ce0) + FAILED_GAP:
+        return (f"error: the LN-free model's held-out CE is {float(ce):.4g}, {float(ce) - float(ce0):.3g} nats above "
+                f"the original's {float(ce0):.4f} (more than {FAILED_GAP:g}): the removal failed even though every "
+                "step stayed finite.")
+    if export_asked and not headlines.get("export"):
+        return (f"error: an export was asked for but none was written ({headlines.get('sites_removed')} sites "
+                "removed); see the report's note.")
+    return None
 
 
 def _table(result: Any) -> Table:

@@ -53,7 +53,8 @@ def export_check(removal: Removal) -> None:
             f"{len(live)} norm site(s) are still live (e.g. {live[0]}): a plain checkpoint has one eps for every "
             "norm, so only a model with every site removed can be exported; remove all sites or skip --export."
         )
-    pending = [w.site_name for w in removal if w.first_token and w.divisor_first is not None and w.first_blend < 1]
+    pending = [w.site_name for w in removal
+               if w.first_token and w.divisor_first is not None and w.first_blend < 1 and not w.n_fixed]
     if pending:
         raise NormscopeError(
             f"{pending[0]} still gives position 0 its own divisor, which a plain checkpoint cannot express; train "
@@ -109,13 +110,16 @@ def fold(model: nn.Module, removal: Removal, eps: float = DEFAULT_EPS) -> nn.Mod
 
 
 def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Path, manifest: dict[str, Any],
-                 eps: float = DEFAULT_EPS) -> tuple[Path, nn.Module]:
+                 eps: float = DEFAULT_EPS, prefix: Any = None) -> tuple[Path, nn.Module]:
     """Fold, then write ``out_dir`` (safetensors, config, tokenizer, manifest) atomically; returns the folder
-    and the folded in-memory model."""
+    and the folded in-memory model. ``prefix`` (:class:`normscope.removal.prefix.Prefix`, the exact-BOS mode)
+    is written beside it as ``bos_prefix.safetensors``."""
     plain = fold(model, removal, eps)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
+        if prefix is not None:
+            prefix.save(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         sites = []
@@ -125,7 +129,10 @@ def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Pa
                           "divisor": w.divisor, "first_token_divisor": w.divisor_first,
                           "frozen_at_step": w.frozen_at, "value_path_frozen_at_step": w.frozen_v_at,
                           "original_eps": w.eps})
-        full = {"format": "normscope LN-free export", "eps": eps,
+        kind = ("plain checkpoint + BOS key/value prefix (bos_prefix.safetensors)" if prefix is not None
+                else "plain checkpoint")
+        full = {"format": "normscope LN-free export", "export_kind": kind, "eps": eps,
+                "prefix_ids": prefix.ids.tolist() if prefix is not None else None,
                 "note": ("Every norm divides by the constant sqrt(eps): gain = w * sqrt(eps) / divisor. Load in "
                          "float32 or bfloat16 (float16 overflows the folded gains). Replace the norms by their "
                          "gain (an elementwise scale) after folding for exact linear attribution."),

@@ -70,7 +70,8 @@ def blended_first_divisor(d_first: float, d_rest: float, blend: float) -> float:
     return math.exp((1.0 - blend) * math.log(d_first) + blend * math.log(d_rest))
 
 
-def aux_spread(div: torch.Tensor, form: str = "squared") -> torch.Tensor:
+def aux_spread(div: torch.Tensor, form: str = "squared", *, skip: int = 0,
+               target: float | None = None) -> torch.Tensor:
     """Auxiliary loss on the spread of per-token divisors (Baroni et al. 2025, normalised by target^2).
 
     div: ``[batch, pos, ..., 1]`` per-token std/RMS of the residual entering a site, with gradients.
@@ -82,13 +83,20 @@ def aux_spread(div: torch.Tensor, form: str = "squared") -> torch.Tensor:
     ``form="log"`` gives ``mean_t log(div_t / target)^2`` instead: bounded growth and comparable weight for a
     170x outlier (position 0's massive activation) and a 9x one (SmolLM2's " the" in layers 3-11), where the
     squared form is dominated by the largest outlier and explodes once a frozen site lets norms run away.
+
+    ``skip``: leave positions < skip out of the mean and the target (the exact-BOS mode, where the fixed
+    prefix keeps its own exact divisor and need not be pulled anywhere). ``target``: a fixed target instead of
+    the batch mean (TaperNorm's scale anchor for the final norm's input: the residual scale cannot drift, so
+    the model cannot lower the loss by inflating the logits once the final norm is gone).
     """
     d = div.float()
-    ref = d[:, 1:] if d.dim() >= 2 and d.shape[1] > 1 else d
-    target = ref.detach().mean().clamp_min(1e-12)
+    if skip and d.dim() >= 2 and d.shape[1] > skip:
+        d = d[:, skip:]
+    ref = d[:, 1:] if not skip and d.dim() >= 2 and d.shape[1] > 1 else d
+    tgt = (ref.detach().mean() if target is None else torch.tensor(float(target), device=d.device)).clamp_min(1e-12)
     if form == "log":
-        return torch.log(d.clamp_min(1e-12) / target).pow(2).mean()
-    return ((d - target) / target).pow(2).mean()
+        return torch.log(d.clamp_min(1e-12) / tgt).pow(2).mean()
+    return ((d - tgt) / tgt).pow(2).mean()
 
 
 class FrozenNorm(nn.Module):
@@ -131,6 +139,12 @@ class FrozenNorm(nn.Module):
         self.frozen_v_at: int | None = None
         self.ramp = 1.0  # 0..1: how far the main path has moved from the live to the frozen divisor
         self.ramp_v = 1.0
+        self.n_fixed = 0  # exact BOS: positions < n_fixed (a fixed prefix) keep their own, input-independent, divisor
+        self.follow = False  # while ramping, the frozen divisor follows the EMA (a smooth global gate)
+        self.aux_target: float | None = None  # fixed aux target (the final norm's scale anchor)
+        self.aux_skip_first = 0  # the aux loss leaves positions < this out (a fixed prefix keeps its divisors)
+        self.guard = 0.0  # training only: cap a token's divisor ratio at guard (0: off); see guard_penalty
+        self.guard_weight = 10.0
         # per-forward switches and outputs
         self.tracking = False
         self.aux = False
@@ -139,6 +153,9 @@ class FrozenNorm(nn.Module):
         self.v_input: torch.Tensor | None = None
         self._acc: torch.Tensor | None = None  # [4] float64, see divisor_stats
         self.override: torch.Tensor | None = None  # tests: a per-token divisor [..., 1] used when frozen
+        self.watch = False  # record the largest divisor at positions >= 1 and a non-finite input (diagnostics)
+        self.peak: tuple[float, int, int] | None = None  # (largest live divisor at pos >= 1, batch row, position)
+        self.nonfinite_input = False
 
     @property
     def original(self) -> nn.Module:
@@ -164,11 +181,20 @@ class FrozenNorm(nn.Module):
         return blended_first_divisor(self.divisor_first, self.divisor, self.first_blend)
 
     def _frozen_inverse(self, x: torch.Tensor) -> torch.Tensor | float:
-        """1 / frozen divisor, a scalar or ``[1, pos, 1, ...]`` when position 0 has its own value."""
+        """1 / frozen divisor, a scalar or ``[1, pos, 1, ...]`` when position 0 has its own value
+        (``[batch, pos, 1, ...]`` with gradients when position 0 keeps its live divisor: exact BOS)."""
         if self.override is not None:
             return 1.0 / self.override.float()
         if self.divisor is None:
             raise RuntimeError(f"{self.site_name} is frozen but has no divisor")
+        if self.n_fixed and x.dim() >= 2 and x.shape[1] >= 1:
+            k = min(self.n_fixed, x.shape[1])
+            x0 = x[:, :k].float()  # [batch, k, ..., d]
+            if self.centered:
+                x0 = x0 - x0.mean(dim=-1, keepdim=True)
+            inv0 = torch.rsqrt(x0.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # [batch, k, ..., 1]
+            rest = inv0.new_full((inv0.shape[0], x.shape[1] - k, *inv0.shape[2:]), 1.0 / self.divisor)
+            return torch.cat([inv0, rest], dim=1)  # [batch, pos, ..., 1]
         d0 = self.first_divisor()
         if d0 == self.divisor or x.dim() < 2 or x.shape[1] < 1:
             return 1.0 / self.divisor
@@ -191,20 +217,41 @@ class FrozenNorm(nn.Module):
         if self.centered:
             xf = xf - xf.mean(dim=-1, keepdim=True)
         inv = self._frozen_inverse(x)
-        if ramp < 1.0:
+        guard = self.guard > 0 and self.training
+        if ramp < 1.0 or guard:
             live = torch.sqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # [..., 1], with gradients
+        if ramp < 1.0:
             frozen = inv if isinstance(inv, torch.Tensor) else torch.tensor(inv, device=x.device)
             inv = torch.exp(-(1.0 - ramp) * torch.log(live) + ramp * torch.log(frozen))
+        if guard:  # training only: a token above guard x the frozen divisor is normalised down to guard
+            inv = torch.minimum(torch.as_tensor(inv, device=x.device), self.guard / live)
         return self._affine(xf * inv, x.dtype)
+
+    def guard_penalty(self, div: torch.Tensor) -> torch.Tensor | None:
+        """mean_t relu(log(d_t / (guard * d)))^2 over positions past the fixed prefix: what the guard had to
+        catch, so that the model learns to keep every token inside it (the export has no guard)."""
+        if not (self.guard > 0 and self.frozen and self.divisor is not None):
+            return None
+        d = div.float()
+        k = max(self.n_fixed, self.aux_skip_first)
+        if k and d.dim() >= 2 and d.shape[1] > k:
+            d = d[:, k:]
+        return torch.relu(torch.log(d / (self.guard * self.divisor))).pow(2).mean()
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, pos, d] (or [batch, pos, heads, d_head])
         if self.aux:
             div = self.live_divisor(x)  # [..., 1], with gradients for the aux loss
-            self.aux_term = aux_spread(div, self.aux_form)
-        elif self.tracking:
+            self.aux_term = aux_spread(div, self.aux_form, skip=max(self.n_fixed, self.aux_skip_first),
+                                       target=self.aux_target)
+            pen = self.guard_penalty(div)
+            if pen is not None:
+                self.aux_term = self.aux_term + self.guard_weight * pen
+        elif self.tracking or self.watch:
             with torch.no_grad():
                 div = self.live_divisor(x)
+        if self.watch:
+            self._watch(x, div)
         if self.tracking:
             st = divisor_stats(div, self.first_token)  # [4]
             self._acc = st if self._acc is None else self._acc + st
@@ -215,6 +262,20 @@ class FrozenNorm(nn.Module):
         else:
             self.v_input = None
         return main
+
+    def _watch(self, x: torch.Tensor, div: torch.Tensor) -> None:
+        """Keep the largest divisor at positions >= 1 (and where), and whether the input was non-finite."""
+        with torch.no_grad():
+            if not bool(torch.isfinite(x).all()):
+                self.nonfinite_input = True
+            if div.dim() < 3 or div.shape[1] < 2:
+                return
+            rest = div[:, 1:].reshape(div.shape[0], div.shape[1] - 1, -1).amax(dim=-1)  # [batch, pos-1]
+            flat = torch.nan_to_num(rest, nan=float("inf")).flatten()
+            i = int(flat.argmax())
+            v = float(flat[i])
+            if self.peak is None or v > self.peak[0]:
+                self.peak = (v, i // rest.shape[1], i % rest.shape[1] + 1)
 
     # ---- EMA, freezing, state --------------------------------------------------------------------------
     def pending(self) -> torch.Tensor:
@@ -234,6 +295,9 @@ class FrozenNorm(nn.Module):
             self.ema = ema_update(self.ema, s / n, self.momentum)
         if n0 > 0 and math.isfinite(s0):
             self.ema_first = ema_update(self.ema_first, s0 / n0, self.momentum)
+        if self.follow and self.frozen and self.ema is not None and (
+                self.ramp < 1.0 or (self.split_v and self.frozen_v and self.ramp_v < 1.0)):
+            self.divisor = self.ema  # the gate is still open: the fixed scaling tracks the running mean
         self._acc = None
 
     def discard(self) -> None:
@@ -265,7 +329,8 @@ class FrozenNorm(nn.Module):
         """JSON-ready divisor state (floats round-trip exactly through JSON)."""
         return {k: getattr(self, k) for k in ("ema", "ema_first", "divisor", "divisor_first", "first_blend",
                                               "frozen", "frozen_v", "split_v", "frozen_at", "frozen_v_at", "ramp",
-                                              "ramp_v")}
+                                              "ramp_v", "n_fixed", "follow", "aux_target", "aux_skip_first",
+                                              "guard", "guard_weight")}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

@@ -223,6 +223,19 @@ def _check_export(frozen: nn.Module, exported: nn.Module, sample: Any) -> float:
     return float((a - e).abs().max())
 
 
+def check_fixed_prefix(sample: Any, k: int, what: str) -> None:
+    """The exact-BOS mode is exact only if every window starts with the same ``k`` tokens (the BOS)."""
+    first = None
+    for b in sample.iter_batches():
+        head = b.input_ids[:, :k]  # [batch, k]
+        if first is None:
+            first = head[0]
+        if not bool((head == first[None]).all()):
+            raise NormscopeError(f"The exact BOS treatment needs the same first token in every {what} window; "
+                                 "load the text with --bos yes (this tokenizer's windows start with different "
+                                 "tokens).")
+
+
 def check(lm: Any, opts: RemoveLnOptions) -> None:
     """Fail early, before any text is read or generated: no norm sites, an encoder, --sites matching nothing,
     too few --steps for the schedule."""
@@ -234,7 +247,8 @@ def check(lm: Any, opts: RemoveLnOptions) -> None:
     blocks = {b.index: b for b in layout.blocks}
     split = {s.name: opts.train.split_value and s.role == "pre_attn" and s.layer in blocks
              and find_value_path(blocks[s.layer].attn, int(layout.d_model)) is not None for s in chosen}
-    build_schedule(chosen, opts.train.steps, opts.train.schedule, split=split, first_token=opts.train.first_token)
+    build_schedule(chosen, opts.train.steps, opts.train.schedule, split=split,
+                   first_token=opts.train.first_token and not opts.train.exact_bos)
 
 
 # ---- the command --------------------------------------------------------------------------------------------
@@ -267,6 +281,9 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
                              "or choose another --run-dir.")
     rank, _world = dist_env()
     topts = opts.train
+    if topts.exact_bos:
+        check_fixed_prefix(train_sample, topts.fixed_prefix, "training")
+        check_fixed_prefix(eval_sample, topts.fixed_prefix, "held-out")
     extra = {"model_spec": lm.info.spec, "train_text": train_sample.to_dict()}
 
     costs = None
@@ -315,19 +332,34 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
     manifest = {"model": lm.info.spec, "schedule": res.schedule.to_dict(),
                 "training": asdict(topts), "train_text": train_sample.to_dict(), "data_note": opts.data_note,
                 "steps_done": len(res.history), "skipped_steps": res.skipped}
-    if opts.export and all_removed:
+    export_kind = None
+    if opts.export and all_removed and res.diverged_at is None:
         ts = time.perf_counter()
         with progress.status("exporting the LN-free model"):
+            from normscope.removal.prefix import PrefixModel, compute_prefix
+
+            prefix = None
+            if topts.exact_bos:
+                ids0 = train_sample.batches[0].input_ids[0, :topts.fixed_prefix].tolist()
+                prefix = compute_prefix(student, ids0)
             export_dir, _plain = export_model(student, res.removal, lm.tokenizer,
-                                              opts.export_dir or run_dir / "ln-free-model", manifest, opts.eps)
+                                              opts.export_dir or run_dir / "ln-free-model", manifest, opts.eps,
+                                              prefix=prefix)
             from transformers import AutoModelForCausalLM
 
-            exported = AutoModelForCausalLM.from_pretrained(export_dir, attn_implementation="eager",
-                                                            dtype=torch.float32)
+            exported: nn.Module = AutoModelForCausalLM.from_pretrained(export_dir, attn_implementation="eager",
+                                                                       dtype=torch.float32)
             exported.to(next(original.parameters()).device).eval()
+            if prefix is not None:
+                exported = PrefixModel(exported, prefix).eval()
             export_diff = _check_export(student, exported, eval_sample)
+            export_kind = ("a plain transformers checkpoint plus a BOS key/value prefix (bos_prefix.safetensors)"
+                           if prefix is not None else "a plain transformers checkpoint")
         ln_free = exported
         timings["export"] = time.perf_counter() - ts
+    elif opts.export and res.diverged_at is not None:
+        export_note = (f"Not exported: training diverged at step {res.diverged_at} (every step overflowed), so the "
+                       "model is not worth writing.")
     elif opts.export:
         n_live = len(res.removal.wrappers) - res.removal.n_removed()
         why = ("training stopped before the schedule had removed them" if len(res.history) < topts.steps
@@ -347,7 +379,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
             scored[name] = ev.per_token_losses(m, eval_sample, progress=adv)
     norms = {}
     for name, m in models.items():
-        if m is ln_free and export_dir is None:
+        if m is ln_free and (export_dir is None or topts.exact_bos):
             continue  # the wrapped model's first-token norm is measured the same way only once exported
         norms[name] = ev.residual_norms(m, eval_sample)
     timings["evaluation"] = time.perf_counter() - ts
@@ -356,6 +388,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
 
     result = build_result(lm, train_sample, eval_sample, opts, res, ctrl_hist, scored, norms, costs,
                           export_dir, export_diff, export_note)
+    result.headlines["export_kind"] = export_kind
     timings["total"] = time.perf_counter() - t0
     result.timings = timings
     del student, control_model
@@ -419,7 +452,12 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
     gap_c = ce.loc[ce.model == "LN-free", "gap_vs_control"].iloc[0]
     gap_o = ce.loc[ce.model == "LN-free", "gap_vs_original"].iloc[0]
     tokens = sum(h.tokens for h in res.history)
+    ref_name = "control" if "control" in scored else "original"
+    pos1 = damage_at_position(scored[ref_name], scored["LN-free"], 1)
     headlines: dict[str, Any] = {
+        "damage_share_at_position_1": None if pos1 is None else round(pos1, 4),
+        "damage_reference": ref_name,
+        "p99_9_ln_free": round(stats["LN-free"]["p99_9"], 3),
         "ce_original": round(stats["original"]["mean"], 4),
         "ce_control": round(stats["control"]["mean"], 4) if "control" in stats else None,
         "ce_ln_free": round(stats["LN-free"]["mean"], 4),
@@ -463,6 +501,17 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
     return Result(analysis="remove-ln", title="LayerNorm / RMSNorm removal by fine-tuning",
                   meta=build_meta(lm, train_sample, **settings), payload=payload, tables=tables, figures=figures,
                   headlines=headlines, summary=summary, references=REFERENCES)
+
+
+def damage_at_position(base: ev.TokenLosses, new: ev.TokenLosses, position: int) -> float | None:
+    """Share of the total held-out loss increase (``new`` over ``base``, same tokens) that falls on the tokens
+    predicted at ``position`` (position 1: predicted from the BOS alone). None when nothing got worse or a
+    loss is not finite."""
+    delta = new.losses.double() - base.losses.double()  # [n_tokens]
+    total = float(delta.sum())
+    if not torch.isfinite(delta).all() or total <= 0:
+        return None
+    return float(delta[new.pos == position].sum()) / total
 
 
 def _norm_table(norms: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -535,8 +584,10 @@ def _summary(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions
                    f"({worst['cost']:+.3f} nats on training text); the median site costs "
                    f"{costs['cost'].median():+.4f}.")
     if export_dir is not None:
+        extra = (" plus the BOS's keys and values per layer (bos_prefix.safetensors; feed them as "
+                 "past_key_values and drop the BOS from the input)" if opts.train.exact_bos else "")
         line = (f"Exported to {export_dir} as a plain transformers checkpoint (every norm divides by "
-                f"sqrt({opts.eps:g}), the divisors folded into the gains); ")
+                f"sqrt({opts.eps:g}), the divisors folded into the gains){extra}; ")
         if export_diff is not None and export_diff == export_diff:  # not NaN
             line += f"its logits match the frozen model within {export_diff:.2e}."
         else:

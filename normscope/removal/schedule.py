@@ -14,6 +14,8 @@ shared ones over ``first_frac`` of the steps. Any start or gap that is given is 
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,13 +55,20 @@ class ScheduleOptions:
     ramp_steps: int | None = None
     """Steps over which each removed site moves from its per-token to its frozen divisor (1: at once, as in
     the paper; default ``ramp_frac`` of the steps)."""
+    ramp_shape: str = "linear"
+    """"linear" or "cosine" (TaperNorm's gate: g = 0.5 (1 + cos(pi t)), so the ramp 1 - g starts and ends
+    slowly)."""
+    taper: bool = False
+    """Every site at once (all gaps 0) on one long ramp: a smooth global gate instead of per-site switches."""
+    max_per_step: int = 3
+    """The automatic schedule is refused when it would remove more site paths than this on one step."""
     start_frac: float = 0.05
     ramp_frac: float = 0.1
     end_frac: float = 0.5
     first_frac: float = 0.15
 
     def explicit(self) -> bool:
-        return any(v is not None for v in (self.start, self.gap_ln2, self.gap_ln1qk, self.gap_ln1v,
+        return self.taper or any(v is not None for v in (self.start, self.gap_ln2, self.gap_ln1qk, self.gap_ln1v,
                                            self.gap_qk_norm, self.gap_final))
 
 
@@ -81,12 +90,16 @@ class Schedule:
     first_token_end: int | None = None  # step at which the blend reaches 1
     options: dict[str, Any] = field(default_factory=dict)
     ramp_steps: int = 1
+    ramp_shape: str = "linear"
 
     def ramp(self, event: Event, step: int) -> float:
         """How far ``event``'s site has moved to its frozen divisor at ``step`` (0 before, 1 when done)."""
         if step < event.step:
             return 0.0
-        return min(1.0, (step - event.step + 1) / max(self.ramp_steps, 1))
+        t = min(1.0, (step - event.step + 1) / max(self.ramp_steps, 1))
+        if self.ramp_shape == "cosine":
+            return 0.5 * (1.0 - math.cos(math.pi * t))
+        return t
 
     def at(self, step: int) -> list[Event]:
         """The events to apply at the start of ``step``."""
@@ -119,7 +132,8 @@ class Schedule:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "ramp_steps": self.ramp_steps, "first_token_start": self.first_token_start,
+        return {"steps": self.steps, "ramp_steps": self.ramp_steps, "ramp_shape": self.ramp_shape,
+                 "first_token_start": self.first_token_start,
                 "first_token_end": self.first_token_end, "options": self.options,
                 "phase_starts": self.phase_starts(), "events": [asdict(e) for e in self.events]}
 
@@ -165,8 +179,12 @@ def build_schedule(sites: list[Any], steps: int, opts: ScheduleOptions | None = 
     if steps < (2 if explicit else MIN_AUTO_STEPS):
         raise NormscopeError(f"--steps {steps} is too few for a removal schedule; give at least "
                              f"{MIN_AUTO_STEPS} steps (or set --start and the gaps yourself).")
+    if opts.ramp_shape not in ("linear", "cosine"):
+        raise NormscopeError(f"--ramp-shape must be linear or cosine, not '{opts.ramp_shape}'.")
     gaps = {"ln2": opts.gap_ln2, "ln1qk": opts.gap_ln1qk, "ln1v": opts.gap_ln1v, "qk_norm": opts.gap_qk_norm,
             "other": opts.gap_qk_norm, "final": opts.gap_final}
+    if opts.taper:
+        gaps = dict.fromkeys(gaps, 0.0)
     start = opts.start if opts.start is not None else max(1, round(opts.start_frac * steps))
     if start < 1:
         raise NormscopeError("--start must be at least 1: the first step measures the divisors to freeze.")
@@ -187,6 +205,13 @@ def build_schedule(sites: list[Any], steps: int, opts: ScheduleOptions | None = 
         end = max(start, round(opts.end_frac * steps))
         total = positions[-1] if positions[-1] > 0 else 1.0
         event_steps = [start + int((p / total) * (end - start)) for p in positions]
+        densest = max(Counter(event_steps).values())
+        if densest > opts.max_per_step:
+            need = _auto_steps_needed(sites, opts, split, first_token, steps)
+            raise NormscopeError(
+                f"--steps {steps} is too few for the automatic schedule: it would remove up to {densest} norm "
+                f"paths on one step ({len(order)} removals between steps {start} and {end}), which overflows a "
+                f"frozen model; give --steps {need} or more, or set --start and the --gap-* options yourself.")
     events = [Event(st, name, path, phase) for st, (phase, name, path) in zip(event_steps, order, strict=True)]
     ramp = opts.ramp_steps if opts.ramp_steps is not None else max(1, round(opts.ramp_frac * steps))
     if ramp < 1:
@@ -209,7 +234,21 @@ def build_schedule(sites: list[Any], steps: int, opts: ScheduleOptions | None = 
             + (f" and the first-token divisors merge by step {done}" if first_token else "")
             + f"; give --steps {done + 2} or more, or shorten the gaps."
         )
-    return Schedule(steps, events, f0, f1, options={**asdict(opts), "first_token": first_token}, ramp_steps=ramp)
+    return Schedule(steps, events, f0, f1, options={**asdict(opts), "first_token": first_token}, ramp_steps=ramp,
+                    ramp_shape=opts.ramp_shape)
+
+
+def _auto_steps_needed(sites: list[Any], opts: ScheduleOptions, split: dict[str, bool], first_token: bool,
+                       steps: int) -> int:
+    """The smallest --steps for which the automatic schedule removes at most ``max_per_step`` paths a step."""
+    n = max(steps + 1, MIN_AUTO_STEPS)
+    while n < 1_000_000:
+        try:
+            build_schedule(sites, n, opts, split=split, first_token=first_token)
+            return n
+        except NormscopeError:
+            n = int(n * 1.1) + 1
+    return n
 
 
 def _scaled_gap(phase: str, start: int, steps: int, opts: ScheduleOptions, order: list[tuple[str, str, str]]) -> float:

@@ -52,7 +52,8 @@ WEIGHTS_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
 
 
-REMOVAL_ONLY = ("distill_weight", "momentum", "first_token", "split_value", "schedule")
+REMOVAL_ONLY = ("distill_weight", "momentum", "first_token", "split_value", "schedule", "aux_anchor", "guard",
+                "guard_weight")
 """TrainOptions fields that only the LN-free run reads (a control ignores them)."""
 
 
@@ -91,10 +92,32 @@ class TrainOptions:
     split_value: bool = True
     """Remove the pre-attention norms' path to V after their path to Q and K (paper); off: both at once."""
     schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
+    exact_bos: bool = False
+    """Position 0 holds a fixed BOS and keeps its own live divisor at every site for the whole run: exact, since
+    its trajectory is the same for every input (causal attention, RoPE identity at position 0). The aux loss
+    then leaves position 0 out, and no blend window is scheduled; every site is removed for positions >= 1."""
+    fixed_prefix: int = 1
+    """With ``exact_bos``: how many leading positions are a fixed prefix kept on their own live divisors (1:
+    the BOS alone; 2: BOS plus a fixed second token, when the first text token would carry a massive
+    activation of its own)."""
+    guard: float = 0.0
+    """Training only: a token whose divisor exceeds ``guard`` x its site's frozen divisor is normalised down to
+    that ratio, and the excess is penalised (``guard_weight`` x mean relu(log ratio / guard)^2 in the aux
+    loss), so a rare runaway token through consecutive frozen SwiGLU MLPs gives a gradient instead of an
+    overflowing, skipped step. The export has no guard; the held-out CE is measured on the export. 0: off."""
+    guard_weight: float = 10.0
+    aux_anchor: bool = False
+    """Give the final norm's aux loss a fixed target, the calibrated mean divisor of positions >= 1 (TaperNorm's
+    scale anchor), instead of the batch mean."""
     seed: int = 0
     save_every: int = 50
     """Steps between checkpoints (0: only at the end and on a signal)."""
     keep_checkpoints: int = 2
+    """Checkpoints kept in the run folder (older ones are deleted after each save)."""
+    log_sites: bool = True
+    """Write ``sites.jsonl``: per step and site, the gain norm ||w||, the relative update ||dw||/||w|| of the
+    weights reading the site, and the largest divisor at positions >= 1 over the site's divisor, with its
+    token; plus the first site (forward order) whose input was non-finite."""
     skip_nonfinite: bool = True
     """Skip an optimizer step whose loss or gradient is not finite (and count it) instead of failing."""
     max_nonfinite_run: int = 10
@@ -106,7 +129,7 @@ class TrainOptions:
         the removal-only settings do not change it: one control serves every removal variant on the same data
         and optimizer settings."""
         d = asdict(self)
-        for k in ("save_every", "keep_checkpoints") + (REMOVAL_ONLY if control else ()):
+        for k in ("save_every", "keep_checkpoints", "log_sites") + (REMOVAL_ONLY if control else ()):
             d.pop(k)
         return d
 
@@ -422,9 +445,16 @@ def train(
     split = {w.site_name: w.split_v for w in removal}
     chosen = [s for s in sites if remove is None or s.name in set(remove)]
     # a control removes nothing: it needs no schedule, and must not be refused for one it would never run
-    schedule = Schedule(opts.steps, []) if control else build_schedule(chosen, opts.steps, opts.schedule,
-                                                                        split=split, first_token=opts.first_token)
+    schedule = Schedule(opts.steps, []) if control else build_schedule(
+        chosen, opts.steps, opts.schedule, split=split, first_token=opts.first_token and not opts.exact_bos)
+    for w in removal:
+        w.aux_skip_first = opts.fixed_prefix if opts.exact_bos else 0
+        if not control:
+            w.n_fixed = opts.fixed_prefix if opts.exact_bos else 0
+            w.follow = opts.schedule.taper
+            w.guard, w.guard_weight = opts.guard, opts.guard_weight
     aux_names = _aux_site_names(removal, opts.aux_sites)
+    watch = SiteWatch(removal, site_consumers(layout, removal)) if opts.log_sites and rank == 0 else None
     if opts.aux_form not in ("squared", "log"):
         raise NormscopeError(f"--aux-form must be squared or log, not '{opts.aux_form}'.")
     for p in model.parameters():
@@ -466,6 +496,10 @@ def train(
                              "it, or choose another --run-dir.")
     else:
         _calibrate(model, removal, batches, cursor, per_step, rank, world, device)
+        if opts.aux_anchor and not control:
+            for w in removal:
+                if w.role == "final":
+                    w.aux_target = w.ema
 
     ddp_model: nn.Module = model
     if distributed:
@@ -513,6 +547,8 @@ def train(
                 w.first_blend = blend
             ddp_model.train()
             removal.set(tracking=True, aux_sites=aux_names if opts.aux_weight > 0 else [], aux_form=opts.aux_form)
+            if watch is not None:
+                watch.begin()
             mine = [j for j in range(per_step) if j % world == rank]
             sums = torch.zeros(4, dtype=torch.float64)
             scale = world / per_step
@@ -539,6 +575,8 @@ def train(
                         kl = next_token_kl(out.logits, t_logits)
                         loss = loss + opts.distill_weight * kl
                     (loss * scale).backward()
+                if watch is not None:
+                    watch.after_forward(b.input_ids)
                 parts = [loss, ce, aux, kl]
                 sums += torch.tensor([float(t.detach()) if t is not None else 0.0 for t in parts],
                                      dtype=torch.float64) / per_step
@@ -560,6 +598,8 @@ def train(
                 raise NormscopeError(f"The loss or gradient became non-finite at step {step}; lower --lr or use "
                                      "a slower schedule.")
             if finite:
+                if watch is not None:
+                    watch.before_update()
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             log = StepLog(step=step, loss=float(sums[0]), ce=float(sums[1]), aux=float(sums[2]), kl=float(sums[3]),
@@ -569,6 +609,8 @@ def train(
             history.append(log)
             if rank == 0:
                 _append_log(run_dir, log)
+                if watch is not None:
+                    watch.write(run_dir, step, finite)
                 if progress is not None:
                     progress(log)
             done = step + 1 == opts.steps
@@ -587,6 +629,94 @@ def train(
         diverged_at = len(history) - run_nonfinite  # a resumed run that had already stopped
     return TrainResult(history, removal, schedule, run_dir, resumed_from, skipped, time.perf_counter() - t_start,
                        diverged_at)
+
+
+def site_consumers(layout: Any, removal: Removal) -> dict[str, list[nn.Parameter]]:
+    """The weight matrices that read each site's output (Q/K/V for a pre-attention norm, the MLP's input
+    projections for a pre-MLP norm, the unembedding for the final norm): the weights whose effective learning
+    rate jumps when the norm in front of them goes (Lyle et al. 2024)."""
+    blocks = {b.index: b for b in layout.blocks}
+    out: dict[str, list[nn.Parameter]] = {}
+    for w in removal:
+        site = next(s for s in removal.sites if s.name == w.site_name)
+        b = blocks.get(site.layer) if site.layer is not None else None
+        mods: list[Any] = []
+        if w.role == "pre_attn" and b is not None and b.attn is not None:
+            mods = [getattr(b.attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "c_attn", "query_key_value")]
+        elif w.role == "pre_mlp" and b is not None and b.mlp is not None:
+            mods = [getattr(b.mlp, n, None) for n in ("gate_proj", "up_proj", "c_fc", "fc1", "dense_h_to_4h")]
+        elif w.role == "final" and layout.unembed is not None:
+            mods = [layout.unembed]
+        out[w.site_name] = [m.weight for m in mods if isinstance(getattr(m, "weight", None), nn.Parameter)]
+    return out
+
+
+class SiteWatch:
+    """Per-step, per-site diagnostics for ``sites.jsonl`` (see :attr:`TrainOptions.log_sites`). The copies of
+    the consumer weights live in buffers allocated once (a fresh 400 MB copy a step costs seconds here)."""
+
+    def __init__(self, removal: Removal, consumers: dict[str, list[nn.Parameter]]) -> None:
+        self.removal, self.consumers = removal, consumers
+        self.peak: dict[str, tuple[float, int]] = {}  # site -> (largest divisor at pos >= 1, its token id)
+        self.nonfinite: list[str] = []
+        self.before: dict[str, list[torch.Tensor]] = {}
+        self.updated = False
+
+    def begin(self) -> None:
+        self.peak, self.nonfinite, self.updated = {}, [], False
+        for w in self.removal:
+            w.watch, w.peak, w.nonfinite_input = True, None, False
+
+    def after_forward(self, input_ids: torch.Tensor) -> None:
+        """Fold the wrappers' peaks of one micro-batch (``input_ids`` ``[batch, pos]``) into the step's."""
+        for w in self.removal:
+            if w.peak is not None:
+                v, row, pos = w.peak
+                if w.site_name not in self.peak or v > self.peak[w.site_name][0]:
+                    self.peak[w.site_name] = (v, int(input_ids[row, pos]))
+            if w.nonfinite_input and w.site_name not in self.nonfinite:
+                self.nonfinite.append(w.site_name)
+            w.peak, w.nonfinite_input = None, False
+
+    def before_update(self) -> None:
+        with torch.no_grad():
+            for k, ps in self.consumers.items():
+                if k not in self.before:
+                    self.before[k] = [p.detach().clone() for p in ps]
+                else:
+                    for q, p in zip(self.before[k], ps, strict=True):
+                        q.copy_(p.detach())
+        self.updated = True
+
+    def write(self, run_dir: Path, step: int, finite: bool) -> None:
+        rows: dict[str, list[Any]] = {}
+        for w in self.removal:
+            name = w.site_name
+            rel = None
+            if self.updated and name in self.before:
+                ps = self.consumers[name]
+                with torch.no_grad():
+                    num = sum(float(torch.dist(p.detach(), q)) ** 2 for p, q in zip(ps, self.before[name],
+                                                                                     strict=True))
+                    den = sum(float(q.norm()) ** 2 for q in self.before[name])
+                rel = math.sqrt(num / den) if den > 0 else None
+            ref = w.divisor if w.divisor is not None else w.ema
+            pk = self.peak.get(name)
+            gain = float(w.weight.detach().float().norm()) if w.weight is not None else None
+            rows[name] = [_r(gain), _r(rel), _r(pk[0] / ref) if pk and ref else None, pk[1] if pk else None]
+            w.watch = False
+        rec = {"step": step, "finite": finite, "first_nonfinite_input": self.nonfinite[0] if self.nonfinite else None,
+               "nonfinite_inputs": len(self.nonfinite), "cols": ["gain_norm", "consumer_rel_update",
+                                                                 "peak_over_divisor", "peak_token"], "sites": rows}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "sites.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _r(x: float | None, digits: int = 5) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None if x is None else (float("inf") if x > 0 else float("nan"))
+    return float(f"{x:.{digits}g}")
 
 
 def _append_log(run_dir: Path, log: StepLog) -> None:
