@@ -32,10 +32,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from normscope.models import load_model
+    from normscope.core.models import load_model
+    from normscope.core.sites import find_layout, find_norm_sites
+    from normscope.core.text import TextOptions, load_text
     from normscope.removal.outliers import measure
-    from normscope.sites import find_layout, find_norm_sites
-    from normscope.text import TextOptions, load_text
 
     lm = load_model(args.model, dtype="float32", device="cpu")
     layout = find_layout(lm.model)

@@ -23,7 +23,7 @@ def main() -> None:
     args = ap.parse_args()
     tok = None
     try:
-        from normscope.models import load_model
+        from normscope.core.models import load_model
 
         tok = load_model("smollm2-135m").tokenizer
     except Exception:

@@ -11,15 +11,15 @@ import math
 import pytest
 import torch
 
-from normscope.errors import NormscopeError
+from normscope.core.errors import NormscopeError
+from normscope.core.sites import find_layout, find_norm_sites
+from normscope.core.text import sample_from_ids
 from normscope.removal.export import export_model
 from normscope.removal.frozen import Removal, aux_spread
 from normscope.removal.outliers import measure
 from normscope.removal.prefix import PrefixModel, compute_prefix
 from normscope.removal.schedule import ScheduleOptions, build_schedule
 from normscope.removal.train import TrainOptions, train
-from normscope.sites import find_layout, find_norm_sites
-from normscope.text import sample_from_ids
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 BOS = 2  # tiny_tokenizer's BOS id

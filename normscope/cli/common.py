@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -34,44 +34,6 @@ err_console = Console(stderr=True)
 out_console = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# ---- option types shared by every command ---------------------------------------------------------------
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        help="Bundled alias (smollm2-135m, minilm-l6), a model folder, a .gguf file, or a Hugging Face id (gpt2).",
-        show_default=True,
-    ),
-]
-RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
-DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-remote-code",
-        help="Run Python code shipped in the model repository. Off by default: that code runs with your rights.",
-    ),
-]
-AllowPickleOpt = Annotated[
-    bool,
-    typer.Option("--allow-pickle", help="Load pickle-only checkpoints (.bin). Off by default: a pickle can run code."),
-]
-TextOpt = Annotated[
-    list[Path] | None,
-    typer.Option("--text", help="Text files (.txt, .jsonl) or folders; repeat for several. Default: built-in prompts."),
-]
-DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="A datasets name[:split], when online.")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for sampling and the random-token controls.")]
-BosOpt = Annotated[str, typer.Option("--bos", help="Prepend BOS: auto (as the tokenizer does), yes, no.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder. Default: reports/MODEL/.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON result to stdout.")]
-
 
 def guarded(fn: F) -> F:
     """Turn NormscopeError into one line on stderr and exit code 2; Ctrl-C into exit code 130."""

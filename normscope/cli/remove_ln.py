@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,34 +15,25 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
 
 from normscope.cli import app
 from normscope.cli.common import (
-    BatchSizeOpt,
-    BosOpt,
-    DatasetOpt,
-    DeviceOpt,
-    JsonOpt,
-    ModelArg,
-    OutOpt,
     Progressor,
-    QuietOpt,
-    RevisionOpt,
-    SeedOpt,
-    TextOpt,
-    TrustOpt,
+    check_output,
     eprint,
     err_console,
     finish,
     guarded,
+    output_dir,
     quiet_libraries,
 )
+from normscope.cli.options import MODEL, OUTPUT, Group, command
 from normscope.core.errors import NormscopeError
-from normscope.core.options import DEFAULT_MODEL
+from normscope.core.io import slugify
+from normscope.core.options import ModelOptions, OutputOptions, TextOptions, validate
 
 
 class RemovalProgress(Progressor):
@@ -52,10 +44,13 @@ class RemovalProgress(Progressor):
         if self.quiet:
             yield lambda log: None
             return
-        cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  CE {task.fields[ce]}  aux {task.fields[aux]}  "
-                           "KL {task.fields[kl]}  removed {task.fields[removed]}/" + str(n_sites)),
-                TimeElapsedColumn(), TimeRemainingColumn()]
+        # step and ETA first, the losses after: at 80 columns rich cuts from the right
+        wide = err_console.width >= 120
+        cols = [TextColumn("[bold]{task.description}"), BarColumn(bar_width=None if wide else 8),
+                MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("loss {task.fields[loss]} CE {task.fields[ce]}"
+                           + (" aux {task.fields[aux]} KL {task.fields[kl]}" if wide else "")
+                           + " off {task.fields[removed]}/" + str(n_sites))]
         with Progress(*cols, console=err_console, transient=True) as prog:
             tid = prog.add_task(label, total=steps, completed=start, loss="-", ce="-", aux="-", kl="-", removed=0)
 
@@ -76,9 +71,7 @@ Steps = Annotated[int, typer.Option(
 Gap = Annotated[float | None, typer.Option(min=0.0)]
 
 
-@app.command(
-    "remove-ln",
-    epilog="Cost: one training step is a forward and backward pass over --batch-size x --seq-len tokens per "
+EPILOG = ("Cost: one training step is a forward and backward pass over --batch-size x --seq-len tokens per "
     "micro-batch (SmolLM2-135M, 8 x 128 tokens, 2 CPU cores: ~5 s); --distill adds a forward pass of the original "
     "model, --control runs every step twice. Checkpoints go to --run-dir; Ctrl-C or SIGTERM saves one first. "
     "On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread oversubscription (measured here: a "
@@ -90,13 +83,13 @@ Gap = Annotated[float | None, typer.Option(min=0.0)]
     "  normscope remove-ln smollm2-135m --self-generated 256 --distill --steps 200   # no corpus needed\n\n"
     "  normscope remove-ln smollm2-135m --text books/ --sites 'blocks.2[0-9].*' --sites ln_final --no-export\n\n"
     "  normscope remove-ln smollm2-135m --text books/ --resume                      # continue after a stop\n\n"
-    "  torchrun --nproc-per-node 2 .venv/bin/normscope remove-ln MODEL --text books/ --grad-accum 2   # DDP",
-)
-@guarded
-def remove_ln(
-    model: ModelArg = DEFAULT_MODEL,
-    text: TextOpt = None,
-    dataset: DatasetOpt = None,
+    "  torchrun --nproc-per-node 2 .venv/bin/normscope remove-ln MODEL --text books/ --grad-accum 2   # DDP")
+
+
+def _remove_ln(
+    model_opts: ModelOptions,
+    text_opts: TextOptions,
+    output_opts: OutputOptions,
     eval_text: Annotated[list[Path] | None, typer.Option(
         "--eval-text",
         help="Held-out text for the CE table (never the training text). Default: built-in prompts.")] = None,
@@ -105,13 +98,8 @@ def remove_ln(
         help="Train on N sequences sampled from the original model (no corpus needed; the default when no "
         "--text or --dataset is given, with N = steps x batch, at most 512).")] = 0,
     steps: Steps = 300,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training and evaluation sequence.")] = 128,
-    batch_size: BatchSizeOpt = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1,
                                             help="Micro-batches per step, over all processes.")] = 1,
-    max_tokens: Annotated[int | None, typer.Option(
-        "--max-tokens", min=1,
-        help="Training tokens to read (default: enough for every step to see new text).")] = None,
     eval_max_tokens: Annotated[int, typer.Option("--eval-max-tokens", min=1,
                                                  help="Held-out tokens to score.")] = 16384,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate (warmup, then cosine).")] = 2e-4,
@@ -196,20 +184,22 @@ def remove_ln(
         "command with --resume --control evaluates them.")] = None,
     site_costs: Annotated[bool, typer.Option(
         "--site-costs", help="First measure each site's CE cost when frozen alone, without training.")] = False,
-    seed: SeedOpt = 0,
-    bos: BosOpt = "auto",
-    revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    trust_remote_code: TrustOpt = False,
-    out: OutOpt = None,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
 ) -> None:
-    """Remove every LayerNorm / RMSNorm by fine-tuning (Baroni et al. 2025) and export a plain LN-free model."""
+    """Remove every LayerNorm / RMSNorm by fine-tuning (Baroni et al. 2025) and export a plain LN-free model.
+
+    The Model, Text and Output groups are the ones every command has; the rest are remove-ln's own options."""
+    m, t, o = model_opts, text_opts, output_opts
+    text, dataset, seq_len, batch_size, max_tokens = t.paths, t.dataset, t.seq_len, t.batch_size, t.max_tokens
+    seed, bos, device, quiet, as_json = t.seed, t.bos, m.device, o.quiet, o.json
+    validate(m)
+    validate(t)
+    if m.dtype not in ("auto", "float32"):
+        raise NormscopeError(f"remove-ln trains in float32 for now (fp32 weights and AdamW state); drop --dtype "
+                             f"{m.dtype}.")
     import torch
 
     from normscope.core.models import load_model
-    from normscope.core.text import TextOptions, load_text
+    from normscope.core.text import load_text
     from normscope.removal import RemoveLnOptions, ScheduleOptions, StopFlag, TrainingStopped, TrainOptions
     from normscope.removal.pipeline import check, run, self_generated_sample
 
@@ -234,9 +224,12 @@ def remove_ln(
     if device == "auto" and world > 1 and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     torch.manual_seed(seed)
+    model = m.model
+    folder = output_dir(slugify(model), o.out)
+    check_output(folder, ["remove-ln"], o.force or resume)  # --resume continues the run whose page this is
     with progress.status(f"loading {model}"):
-        lm = load_model(model, revision=revision, dtype="float32", device=device,
-                        trust_remote_code=trust_remote_code)
+        lm = load_model(model, revision=m.revision, dtype="float32", device=device,
+                        trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
     if not lm.info.is_causal:
         raise NormscopeError(f"remove-ln fine-tunes next-token prediction, so it needs a causal LM; {model} is an "
                              "encoder.")
@@ -297,7 +290,7 @@ def remove_ln(
             eprint(f"{only} run trained in {rdir}; evaluate with the same command plus --resume --control "
                    "(without --only).")
         return
-    finish(result, lm.info.slug, out, quiet=quiet, as_json=as_json, table=_table(result))
+    finish(result, folder, quiet=quiet, as_json=as_json, table=_table(result))
     failure = run_failure(result.headlines, export)
     if failure:
         eprint(failure)
@@ -340,3 +333,20 @@ def _table(result: Any) -> Table:
         t.add_row(r["model"], f"{r['mean']:.4f}", f"{r['median']:.3f}", f"{r['p99']:.2f}", f"{r['p99_9']:.2f}",
                   f"{r['max']:.2f}", "" if gap is None else f"{gap:+.4f}")
     return t
+
+
+# remove-ln is hand-written (training, not an analysis), but composes the same Model, Text and Output groups as
+# every other command; its text defaults differ because it trains (see the notes in --help).
+_TRAIN_TEXT = Group("text_opts", TextOptions, "Text", skip=("controls",),
+                    defaults=(("seq_len", 128), ("max_tokens", None)),
+                    notes=(("seq_len", "remove-ln trains and evaluates on it: 128 by default, twice the analyses' "
+                                       "64, so each step sees longer contexts."),
+                           ("max_tokens", "Training tokens to read (default: enough for every step to see new "
+                                          "text).")))
+_OWN = [p for n, p in inspect.signature(_remove_ln, eval_str=True).parameters.items()
+        if n not in ("model_opts", "text_opts", "output_opts")]
+remove_ln = guarded(command([MODEL, _TRAIN_TEXT, OUTPUT], _remove_ln, name="remove-ln", doc=_remove_ln.__doc__ or "",
+                            extra=_OWN))
+app.command("remove-ln", epilog=EPILOG,
+            help="Remove every LayerNorm / RMSNorm by fine-tuning (Baroni et al. 2025) and export an LN-free "
+                 "model.")(remove_ln)

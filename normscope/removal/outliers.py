@@ -12,7 +12,7 @@ text, with no activations kept:
   LayerNorm) at positions >= 1 relative to the site's mean over positions >= 1 (the value a shared frozen
   divisor takes): its maximum, its 99.9th percentile, and the token types above ``spread_bar`` x the mean.
 
-The reducers are the removal's own (not :mod:`normscope.sinks`' ``ResidualReducer``): they skip position 0,
+The reducers are the removal's own (not :mod:`normscope.analyses.sinks`' ``ResidualReducer``): they skip position 0,
 keep a per-token-type tally, and hook the model directly (block outputs and norm-site inputs), so they work
 on a wrapped (partly frozen) model too.
 """
@@ -158,7 +158,7 @@ class DivisorSpread:
 def measure(model: nn.Module, layout: Any, sites: list[Any], batches: list[Any], *, spread_bar: float = SPREAD_BAR,
             threshold: float = MASSIVE_THRESHOLD,
             ratio: float = MASSIVE_RATIO) -> tuple[MassiveAfterBos, DivisorSpread]:
-    """One no-grad pass over ``batches`` (:class:`normscope.text.TokenBatch`, BOS at position 0): massive
+    """One no-grad pass over ``batches`` (:class:`normscope.core.text.TokenBatch`, BOS at position 0): massive
     activations after every block and the divisor spread at every site's input, at positions >= 1."""
     massive = MassiveAfterBos(len(layout.blocks), threshold, ratio)
     spread = DivisorSpread(spread_bar)
