@@ -131,7 +131,11 @@ def residual_norms(model: nn.Module, sample: Any, max_batches: int = 2) -> pd.Da
     from normscope.core.capture import Capture, TokenMoments
     from normscope.core.sites import find_layout
 
-    layout = find_layout(model)
+    import warnings
+
+    with warnings.catch_warnings():  # a model mid-removal has FrozenNorm wrappers; only its blocks matter here
+        warnings.simplefilter("ignore")
+        layout = find_layout(model)
     cap = Capture(model, layout, [])
     red = {b.index: cap.add(f"blocks.{b.index}.hook_resid_post", TokenMoments(lambda h: h.norm(dim=-1)))
            for b in layout.blocks}

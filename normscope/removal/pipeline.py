@@ -379,8 +379,8 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
             scored[name] = ev.per_token_losses(m, eval_sample, progress=adv)
     norms = {}
     for name, m in models.items():
-        if m is ln_free and (export_dir is None or topts.exact_bos):
-            continue  # the wrapped model's first-token norm is measured the same way only once exported
+        if m is ln_free and topts.exact_bos:
+            continue  # its position 0 is the BOS prefix, not a token: no first-token norm to compare
         norms[name] = ev.residual_norms(m, eval_sample)
     timings["evaluation"] = time.perf_counter() - ts
     if export_dir is None:
