@@ -24,6 +24,7 @@ from torch import nn
 from normscope.core.errors import NormscopeError
 from normscope.core.sites import (
     NormSite,
+    batch_statistics_norms,
     find_layout,
     find_norm_sites,
     format_sites_table,
@@ -312,6 +313,7 @@ def test_unknown_norm_classes_are_read_from_their_numbers() -> None:
     assert got["blocks.1.ln1"] == ("pre_attn", "rmsnorm", 1e-6, 1.0, "OffsetNorm")
     assert got["blocks.1.unused_norm"][:2] == ("other", "layernorm")
     assert not is_norm_module(blocks[1].bn) and not is_norm_module(nn.GroupNorm(4, 64))
+    assert batch_statistics_norms(model) == [("transformer.h.1.bn", "BatchNorm1d")]  # recognised, not analysed
     assert is_norm_module(nn.RMSNorm(64)) and is_norm_module(nn.LayerNorm(64, elementwise_affine=False))
     assert probe_norm(nn.LayerNorm(64, elementwise_affine=False), 64, 1e-5) == (True, 0.0)
     assert probe_norm(nn.RMSNorm(64, eps=1e-6), 64, 1e-6) == (False, 0.0)

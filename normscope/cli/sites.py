@@ -17,7 +17,7 @@ from normscope.cli.options import MODEL, command
 def _sites(model_opts: Any, as_json: bool) -> None:
     from normscope.core.models import load_model
     from normscope.core.options import validate
-    from normscope.core.sites import find_layout, find_norm_sites, format_sites_table
+    from normscope.core.sites import batch_statistics_norms, find_layout, find_norm_sites, format_sites_table
 
     validate(model_opts)
     quiet_libraries()
@@ -26,11 +26,19 @@ def _sites(model_opts: Any, as_json: bool) -> None:
         lm = load_model(m.model, revision=m.revision, dtype=m.dtype, device=m.device,
                         trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
     found = find_norm_sites(lm.model, find_layout(lm.model))
+    batch = batch_statistics_norms(lm.model)
     if as_json:
-        sys.stdout.write(json.dumps({"model": m.model, "sites": [s.to_dict() for s in found]}, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"model": m.model, "sites": [s.to_dict() for s in found],
+                                     "batch_statistics_norms": [{"path": p, "class": c} for p, c in batch]},
+                                    indent=2) + "\n")
         return
     out_console.print(format_sites_table(found))
     out_console.print(f"{len(found)} normalization sites in {lm.info.name} ({lm.info.architecture}).", highlight=False)
+    if batch:
+        more = f" and {len(batch) - 3} more" if len(batch) > 3 else ""
+        names = ", ".join(f"{p} ({c})" for p, c in batch[:3]) + more
+        out_console.print(f"Also {len(batch)} batch-statistics norm(s), recognised but not analysed: {names}. "
+                          "normscope analyses token-wise norms (LayerNorm, RMSNorm) only.", highlight=False)
 
 
 _JSON = inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[

@@ -89,6 +89,15 @@ _NOT_TOKEN_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.in
 _NOT_TOKEN_NAMES = ("batchnorm", "groupnorm", "instancenorm", "weightnorm", "spectralnorm")
 
 
+def batch_statistics_norms(model: nn.Module) -> list[tuple[str, str]]:
+    """(module path, class) of every BatchNorm, GroupNorm, InstanceNorm or LocalResponseNorm in ``model``.
+
+    These normalise over the batch or over channel groups, not over each token's hidden vector, so normscope
+    recognises them but analyses none of them (PowerNorm, Unified Normalization, AdaB2N and test-time BN
+    calibration are about these)."""
+    return [(path, type(m).__name__) for path, m in model.named_modules() if isinstance(m, _NOT_TOKEN_NORMS)]
+
+
 def _eps_of(module: nn.Module) -> float | None:
     for attr in ("eps", "variance_epsilon", "epsilon"):
         value = getattr(module, attr, None)

@@ -128,10 +128,10 @@ def residual_norms(model: nn.Module, sample: Any, max_batches: int = 2) -> pd.Da
     layer, so only running sums are kept. Baroni et al. report GPT-2 small's BOS residual norm at ~3000
     originally and ~300 LN-free; the first-token norm is what the auxiliary loss pulls down.
     """
+    import warnings
+
     from normscope.core.capture import Capture, TokenMoments
     from normscope.core.sites import find_layout
-
-    import warnings
 
     with warnings.catch_warnings():  # a model mid-removal has FrozenNorm wrappers; only its blocks matter here
         warnings.simplefilter("ignore")
