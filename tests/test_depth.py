@@ -435,3 +435,22 @@ def test_cli_model_without_blocks(tmp_path) -> None:
     folder = save_tiny(mamba, tiny_tokenizer(), tmp_path / "mamba")
     _assert_bad_input(_cli(str(folder), "--seq-len", "16", "--max-tokens", "64", "--no-skip"),
                       "no transformer blocks")
+
+
+def test_the_cost_of_the_passes_is_said_before_they_run() -> None:
+    from contextlib import contextmanager
+
+    said: list[str] = []
+
+    class Recorder:  # a progressor that records its notes and draws no bars
+        def note(self, message: str) -> None:
+            said.append(message)
+
+        @contextmanager
+        def task(self, name: str, total: float):  # type: ignore[no-untyped-def]
+            yield lambda n: None
+
+    depth.run(_lm(tiny_llama(n_layers=3)), _sample(n=2), depth.DepthOptions(skip_layers="0,2", window=1, lns=True),
+              progress=Recorder())
+    assert said == ["depth-curse: 5 forward passes over 32 tokens: statistics 1, skip-one-block 2 (limit with "
+                    "--skip-layers, --depth-skip-layers in report), LayerNorm Scaling 1, 1-block window 1."]

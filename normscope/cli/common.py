@@ -72,7 +72,13 @@ class Progressor:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        self.asked_quiet = self.quiet  # --quiet / --json: no notes either
         self.quiet = self.quiet or not err_console.is_terminal
+
+    def note(self, message: str) -> None:
+        """One line on stderr before a costly step (what it will cost, and how to cut it), unless --quiet."""
+        if not self.asked_quiet:
+            err_console.print(message, highlight=False, soft_wrap=True)
 
     @contextmanager
     def task(self, description: str, total: float | None) -> Iterator[Callable[[float], None]]:

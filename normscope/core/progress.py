@@ -15,3 +15,10 @@ def progress_task(progress: Any, name: str, total: float) -> Iterator[Callable[[
     else:
         with progress.task(name, total) as adv:
             yield adv
+
+
+def note(progress: Any, message: str) -> None:
+    """Say ``message`` (what a pass will cost, say) through the CLI's progressor; nothing in the Python API."""
+    say = getattr(progress, "note", None)
+    if callable(say):
+        say(message)

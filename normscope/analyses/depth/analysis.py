@@ -44,6 +44,7 @@ from normscope.core.errors import NormscopeError
 from normscope.core.layers import parse_layers
 from normscope.core.losses import LossMeter
 from normscope.core.nonfinite import flag_nonfinite, nonfinite_warning
+from normscope.core.progress import note
 from normscope.core.progress import progress_task as _task
 from normscope.core.text import TokenBatch
 from normscope.core.tokens import token_text
@@ -118,6 +119,12 @@ def run(ctx: RunContext, opts: DepthOptions) -> Result:
     skip_layers = list(chosen) if chosen is not None else list(range(n_blocks))
     batches = list(sample.iter_batches())
     n_tok = sum(int(b.attention_mask.sum()) for b in batches)
+    n_skip = len(skip_layers) if do_skip else 0
+    passes = 1 + n_skip + int(do_lns) + int(bool(window and causal))
+    note(progress, f"depth-curse: {passes} forward passes over {n_tok:,} tokens: statistics 1"
+         + (f", skip-one-block {n_skip} (limit with --skip-layers, --depth-skip-layers in report)" if n_skip else "")
+         + (", LayerNorm Scaling 1" if do_lns else "") + (f", {window}-block window 1" if window and causal else "")
+         + ".")
 
     timings: dict[str, float] = {}
     base = _stats_pass(model, layout, sites, batches, "baseline", causal, progress, "depth statistics")

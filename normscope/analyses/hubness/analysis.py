@@ -51,6 +51,7 @@ from normscope.core.capture import Capture
 from normscope.core.errors import NormscopeError
 from normscope.core.layers import parse_layers
 from normscope.core.nonfinite import flag_nonfinite, merge_nonfinite, watch_residual
+from normscope.core.progress import note
 from normscope.core.progress import progress_task as _task
 from normscope.core.tokens import token_text
 from normscope.report import Result
@@ -88,6 +89,8 @@ def run(ctx: RunContext, opts: HubnessOptions) -> Result:
     unembed_rows: list[dict[str, Any]] = []
     unembed_scores: dict[str, Any] = {}
     n_knn = len(points) * len(opts.metrics)
+    note(progress, f"hubness: {n_knn} exact k-NN searches ({len(points)} points x {len(opts.metrics)} metric(s)) over "
+         f"{n_tok:,} tokens, after {len(groups)} forward pass(es); fewer with --layers, --no-sites or --metric.")
     total = sample.n_tokens * len(groups) + n_knn + (1 if with_unembed else 0)
     sink_tokens = SinkTokens(info.is_causal)
     nonfinite: list[list[dict[str, Any]]] = []  # one inf/NaN report per pass
