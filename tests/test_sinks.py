@@ -389,3 +389,25 @@ def test_every_reference_names_its_arxiv_id() -> None:
         assert re.search(r"\(arXiv:\d{4}\.\d{4,5}\)", ref), ref
     unified = next(r for r in REFERENCES if "Residual Sinks" in r)
     assert unified.startswith("Qiu, Huang, Wen et al. 2026") and "arXiv:2601.22966" in unified
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_cutting_attention_to_position_0_keeps_the_causal_mask(impl: str) -> None:
+    """The ablation must forbid key 0 and nothing else: on SDPA (no mask handed to the layers) as on eager."""
+    from normscope.analyses.sinks.analysis import no_attention_to_first
+    from normscope.core.sites import find_layout
+
+    model = tiny_llama(n_layers=2)
+    model.set_attn_implementation(impl)
+    layout = find_layout(model)
+    ids = torch.randint(4, 100, (2, 12))
+    with torch.no_grad(), no_attention_to_first(layout):
+        cut = model(input_ids=ids).logits  # [batch, pos, vocab]
+        cut_prefix = model(input_ids=ids[:, :6]).logits
+    # causal: a position's logits never depend on later tokens, with or without the cut
+    assert torch.allclose(cut[:, :6], cut_prefix, atol=1e-5)
+    eager = tiny_llama(n_layers=2)
+    eager.set_attn_implementation("eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad(), no_attention_to_first(find_layout(eager)):
+        assert torch.allclose(eager(input_ids=ids).logits, cut, atol=1e-5)

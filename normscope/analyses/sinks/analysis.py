@@ -104,7 +104,9 @@ def _set_massive(dims: list[int], value: dict[int, float] | None, threshold: flo
 def no_attention_to_first(layout: Any) -> Iterator[None]:
     """Forbid every query after position 0 from attending to key 0 (StreamingLLM's test, applied to one sink).
 
-    Edits the additive attention mask that the attention modules receive (eager attention).
+    Edits the additive attention mask that the attention modules receive. Where they receive none (SDPA and
+    flash kernels are told ``is_causal`` instead), a causal mask is built first: an explicit mask turns the
+    kernel's own causal masking off, and a zero mask would let every query see the future.
     """
 
     def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -113,7 +115,8 @@ def no_attention_to_first(layout: Any) -> Iterator[None]:
         mask = kwargs.get("attention_mask")
         b, t = h.shape[0], h.shape[1]
         if mask is None or mask.ndim != 4:
-            mask = torch.zeros(b, 1, t, t, dtype=h.dtype, device=h.device)
+            future = torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)  # [query, key]
+            mask = torch.zeros(b, 1, t, t, dtype=h.dtype, device=h.device).masked_fill(future, torch.finfo(h.dtype).min)
         mask = mask.clone()
         mask[:, :, 1:, 0] = torch.finfo(mask.dtype).min
         return args, {**kwargs, "attention_mask": mask}
