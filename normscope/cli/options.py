@@ -111,4 +111,3 @@ def command(groups: list[Group], body: Callable[..., None], *, name: str, doc: s
 MODEL = Group("model_opts", ModelOptions, "Model")
 TEXT = Group("text_opts", TextOptions, "Text")
 OUTPUT = Group("output_opts", OutputOptions, "Output")
-SHARED = [MODEL, TEXT, OUTPUT]

@@ -46,14 +46,13 @@ from normscope.core.losses import LossMeter
 from normscope.core.nonfinite import flag_nonfinite, nonfinite_warning
 from normscope.core.progress import note
 from normscope.core.progress import progress_task as _task
+from normscope.core.prompts import CONTROL_CATEGORIES
 from normscope.core.text import TokenBatch
 from normscope.core.tokens import token_text
 from normscope.report import Result
 from normscope.report.result import build_meta
 
-CONTROL_CATEGORIES = ("random", "repeated")
-
-__all__ = ["AXES", "CONTROL_CATEGORIES", "LABELS", "run", "terminal_table"]
+__all__ = ["AXES", "LABELS", "run", "terminal_table"]
 
 
 # ---- running -------------------------------------------------------------------------------------------
