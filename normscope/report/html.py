@@ -151,12 +151,8 @@ def _esc(x: Any) -> str:
 
 
 def _mget(meta: Mapping[str, Any], *keys: str) -> Any:
-    node: Any = meta
-    for k in keys:
-        if not isinstance(node, Mapping) or k not in node:
-            return None
-        node = node[k]
-    return node
+    """``meta[k1][k2]...``, or None where the path does not exist."""
+    return _mget_or(meta, keys, None)
 
 
 def _model_name(meta: Mapping[str, Any]) -> str:
@@ -267,6 +263,7 @@ def _settings_html(meta: Mapping[str, Any]) -> str:
 
 
 def _mget_or(meta: Mapping[str, Any], keys: tuple[str, ...], default: Any) -> Any:
+    """``meta[k1][k2]...``, or ``default`` where the path does not exist."""
     node: Any = meta
     for k in keys:
         if not isinstance(node, Mapping) or k not in node:
