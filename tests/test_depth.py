@@ -454,3 +454,33 @@ def test_the_cost_of_the_passes_is_said_before_they_run() -> None:
               progress=Recorder())
     assert said == ["depth-curse: 5 forward passes over 32 tokens: statistics 1, skip-one-block 2 (limit with "
                     "--skip-layers, --depth-skip-layers in report), LayerNorm Scaling 1, 1-block window 1."]
+
+
+@pytest.mark.parametrize("spec", ["0.5", "inv-sqrt-layer"])
+def test_residual_branch_scaling_equals_a_hand_scaled_model(spec: str) -> None:
+    """The what-if scales attention and MLP outputs at inference: the same as scaling o_proj and down_proj."""
+    from normscope.analyses.depth.options import residual_scale_factors
+
+    model = tiny_llama(n_layers=3)
+    sample = _sample(n=4)
+    r = depth.run(_lm(model), sample, depth.DepthOptions(skip=False, window=0, lns=False, residual_scale=spec))
+    factors = residual_scale_factors(spec, 3)
+    assert r.payload["residual_scale"]["factors"] == factors and r.payload["residual_scale"]["scaled_branches"] == 6
+    hand = tiny_llama(n_layers=3)
+    hand.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for f, layer in zip(factors, hand.model.layers, strict=True):
+            layer.self_attn.o_proj.weight.mul_(f)
+            layer.mlp.down_proj.weight.mul_(f)
+    h = depth.run(_lm(hand), sample, depth.DepthOptions(skip=False, window=0, lns=False))
+    assert np.allclose(r.tables["layers"]["rs_norm_rest"], h.tables["layers"]["norm_rest"], rtol=1e-5)
+    assert np.allclose(r.tables["layers"]["rs_var_rest"], h.tables["layers"]["var_rest"], rtol=1e-5)
+    assert r.headlines["residual_scale_delta_loss"] == pytest.approx(h.payload["loss"] - r.payload["loss"], abs=1e-4)
+    assert any("not trained that way" in line for line in r.summary)
+    assert "Residual-branch scaling what-if" in [f.title for f in r.figures]
+
+
+def test_residual_scale_spelling_is_checked_before_loading() -> None:
+    for bad, words in (("-1", "positive"), ("fast", "a number or one of")):
+        with pytest.raises(NormscopeError, match=words):
+            depth.DepthOptions(residual_scale=bad).check()

@@ -34,11 +34,16 @@ from typing import Any
 import pandas as pd
 
 from normscope.analyses.base import RunContext
-from normscope.analyses.depth.interventions import PRE_NORM_ROLES, lns_interventions, skip_interventions
+from normscope.analyses.depth.interventions import (
+    PRE_NORM_ROLES,
+    lns_interventions,
+    residual_scale_interventions,
+    skip_interventions,
+)
 from normscope.analyses.depth.metrics import best_windows, fit_growth
-from normscope.analyses.depth.options import REFERENCES, DepthOptions
+from normscope.analyses.depth.options import REFERENCES, DepthOptions, residual_scale_factors
 from normscope.analyses.depth.reducers import PassStats, end_of_batch, register_stats
-from normscope.analyses.depth.report import AXES, LABELS, figures, summary, terminal_table
+from normscope.analyses.depth.report import AXES, LABELS, figures, residual_scale_figure, summary, terminal_table
 from normscope.core.capture import Capture
 from normscope.core.errors import NormscopeError
 from normscope.core.layers import parse_layers
@@ -57,11 +62,13 @@ __all__ = ["AXES", "LABELS", "run", "terminal_table"]
 
 # ---- running -------------------------------------------------------------------------------------------
 def _stats_pass(model: Any, layout: Any, sites: list[Any], batches: list[TokenBatch], label: str, causal: bool,
-                progress: Any, task: str, lns: bool = False) -> PassStats:
+                progress: Any, task: str, lns: bool = False, branch_scale: list[float] | None = None) -> PassStats:
     cap = Capture(model, layout, sites)
     stats = register_stats(cap, layout, sites, label, causal)
     if lns:
         stats.extra["scaled_sites"] = lns_interventions(cap, sites)
+    if branch_scale is not None:
+        stats.extra["scaled_branches"] = residual_scale_interventions(cap, layout, branch_scale)
     n_tok = sum(int(b.attention_mask.sum()) for b in batches)
     t0 = time.perf_counter()
     with _task(progress, task, n_tok) as adv, cap:
@@ -119,10 +126,12 @@ def run(ctx: RunContext, opts: DepthOptions) -> Result:
     batches = list(sample.iter_batches())
     n_tok = sum(int(b.attention_mask.sum()) for b in batches)
     n_skip = len(skip_layers) if do_skip else 0
-    passes = 1 + n_skip + int(do_lns) + int(bool(window and causal))
+    factors = residual_scale_factors(opts.residual_scale, n_blocks)
+    passes = 1 + n_skip + int(do_lns) + int(bool(window and causal)) + int(factors is not None)
     note(progress, f"depth-curse: {passes} forward passes over {n_tok:,} tokens: statistics 1"
          + (f", skip-one-block {n_skip} (limit with --skip-layers, --depth-skip-layers in report)" if n_skip else "")
          + (", LayerNorm Scaling 1" if do_lns else "") + (f", {window}-block window 1" if window and causal else "")
+         + (", residual-branch scaling 1" if factors is not None else "")
          + ".")
 
     timings: dict[str, float] = {}
@@ -133,6 +142,11 @@ def run(ctx: RunContext, opts: DepthOptions) -> Result:
         lns = _stats_pass(model, layout, sites, batches, "LayerNorm Scaling", causal, progress,
                           "LayerNorm Scaling what-if", lns=True)
         timings["LayerNorm Scaling pass"] = lns.seconds
+    scaled = None
+    if factors is not None:
+        scaled = _stats_pass(model, layout, sites, batches, "residual-branch scaling", causal, progress,
+                             "residual-branch scaling what-if", branch_scale=factors)
+        timings["residual-branch scaling pass"] = scaled.seconds
 
     skip_loss: dict[int, float] = {}
     if do_skip:
@@ -158,8 +172,51 @@ def run(ctx: RunContext, opts: DepthOptions) -> Result:
         drop = {"n": window, "start": int(row["start"]), "end": int(row["end"]), "distance": float(row["distance"]),
                 "loss": loss, "delta_loss": loss - base.loss.mean}
 
-    return _build_result(lm, sample, opts, layout, sites, base, lns, skip_loss, windows, drop, batches, n_tok,
-                         timings)
+    result = _build_result(lm, sample, opts, layout, sites, base, lns, skip_loss, windows, drop, batches, n_tok,
+                           timings)
+    if scaled is not None and factors is not None:
+        _add_residual_scale(result, scaled, factors, opts.residual_scale)
+    return result
+
+
+def _add_residual_scale(result: Result, scaled: PassStats, factors: list[float], spec: str) -> None:
+    """The residual-branch scaling what-if beside the model's own numbers: per-layer norm and variance, the
+    growth fit, the loss change, a figure and a sentence with the caveat."""
+    layers = result.tables["layers"]
+    sl = pd.DataFrame(_layer_rows(scaled))
+    for c in ("norm_rest", "norm_pos0", "var_rest"):
+        layers[f"rs_{c}"] = sl[c]
+    result.payload["layers"] = layers.to_dict("records")
+    g = fit_growth(layers["point"], layers["rs_norm_rest"])
+    growth = result.tables["growth"]
+    growth.loc[len(growth)] = {"quantity": f"residual L2 norm, residual-branch scaling {spec}", **g.to_dict()}
+    result.payload["growth"] = growth.to_dict("records")
+    base_loss = result.payload.get("loss")
+    loss = scaled.loss.mean if scaled.loss is not None else None
+    delta = loss - base_loss if loss is not None and base_loss is not None else None
+    if delta is not None:
+        result.headlines["residual_scale_delta_loss"] = round(delta, 4)
+        result.labels["residual_scale_delta_loss"] = f"residual scaling {spec}: loss change (nats/token)"
+    result.payload["residual_scale"] = {
+        "spec": spec, "factors": factors, "loss": loss, "scaled_branches": scaled.extra.get("scaled_branches", 0),
+        "growth_exponent": g.exponent,
+        "note": "applied at inference to a model that was not trained with scaled residual branches",
+    }
+    first, last = float(layers["rs_norm_rest"].iloc[0]), float(layers["rs_norm_rest"].iloc[-2])
+    result.summary.append(
+        f"Residual-branch scaling what-if ({spec}: attention and MLP outputs times "
+        f"{factors[0]:.3g}{'' if len(set(factors)) == 1 else f' .. {factors[-1]:.3g}'}): the ordinary-token norm "
+        f"goes from {first:.3g} to {last:.3g} before the last block, growth exponent {g.exponent:.2f} against "
+        f"{result.payload['growth'][0]['exponent']:.2f}"
+        + (f"; the loss changes by {delta:+.3f} nats/token" if delta is not None else "")
+        + ". The model was not trained that way, so this says how far its depth growth comes from the branch "
+          "sizes, not what a model trained with scaled branches would do.")
+    result.figures.append(residual_scale_figure(layers, spec))
+    bad = scaled.extra.get("nonfinite", [])
+    result.payload["nonfinite_residual_scale"] = bad
+    if bad:
+        result.summary.append("Residual-branch scaling what-if: " + nonfinite_warning(
+            bad, "the scaled model overflows there").replace("; rerun with --dtype float32.", "."))
 
 
 # ---- result --------------------------------------------------------------------------------------------

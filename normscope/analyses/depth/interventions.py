@@ -2,7 +2,9 @@
 pre-norm outputs), as opposed to the reducers, which only observe it.
 
 * skipping blocks (identity): layer effectiveness, and Gromov et al. 2024's dropped window (arXiv:2403.17887);
-* LayerNorm Scaling at inference: Sun, Yin, Li, Liu et al. 2025 (arXiv:2502.05795).
+* LayerNorm Scaling at inference: Sun, Yin, Li, Liu et al. 2025 (arXiv:2502.05795);
+* residual-branch scaling at inference ("On residual network depth", 2025): each block's attention and MLP
+  outputs times a constant, 1/sqrt(L) or 1/sqrt(l) before they join the residual stream.
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ def lns_interventions(cap: Capture, sites: list[Any]) -> list[str]:
             cap.intervene(f"{s.name}.hook_out", _Scale(lns_factor(s.layer)))
             names.append(s.name)
     return names
+
+
+def residual_scale_interventions(cap: Capture, layout: Any, factors: list[float]) -> int:
+    """Residual-branch scaling at inference: block ``l``'s attention and MLP outputs times ``factors[l]`` before
+    they join the residual stream. Returns the number of branches scaled."""
+    n = 0
+    for k, b in enumerate(layout.blocks):
+        for hook, present in ((f"blocks.{b.index}.attn.hook_out", b.attn), (f"blocks.{b.index}.mlp.hook_out", b.mlp)):
+            if present is not None:
+                cap.intervene(hook, _Scale(factors[k]))
+                n += 1
+    return n
 
 
 class _Scale:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from normscope.core import layers
@@ -35,7 +36,35 @@ class DepthOptions:
     """LayerNorm Scaling what-if (Sun et al. 2025): every pre-norm output times 1/sqrt(layer + 1) at inference,
     no retraining (one more pass). Default: on when the model has pre-norm sites."""
 
+    residual_scale: str = "none"
+    """Residual-branch scaling what-if ("On residual network depth", 2025): every block's attention and MLP
+    outputs times a factor at inference, no retraining (one more pass): a number (0.5), inv-sqrt-depth
+    (1/sqrt(L) for every block) or inv-sqrt-layer (1/sqrt(l+1) for block l); none: off."""
+
     def check(self) -> None:
+        residual_scale_factors(self.residual_scale, 1)  # the spelling, before anything loads
         layers.check_syntax(self.skip_layers, "--skip-layers")
         if self.skip is False and self.skip_layers not in (None, "none"):
             raise NormscopeError("--skip-layers chooses the blocks to skip, so it cannot go with --no-skip; drop one.")
+
+
+RESIDUAL_SCALES = ("none", "inv-sqrt-depth", "inv-sqrt-layer")
+
+
+def residual_scale_factors(spec: str, n_blocks: int) -> list[float] | None:
+    """The factor of each block's attention and MLP output for ``--residual-scale``; None for ``none``."""
+    s = (spec or "none").strip().lower()
+    if s == "none":
+        return None
+    if s == "inv-sqrt-depth":
+        return [1.0 / math.sqrt(n_blocks)] * n_blocks
+    if s == "inv-sqrt-layer":
+        return [1.0 / math.sqrt(i + 1) for i in range(n_blocks)]
+    try:
+        value = float(s)
+    except ValueError:
+        raise NormscopeError(f"--residual-scale must be a number or one of {', '.join(RESIDUAL_SCALES)}, not "
+                             f"'{spec}'.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise NormscopeError(f"--residual-scale must be a positive number, got {spec}.")
+    return [value] * n_blocks

@@ -188,3 +188,16 @@ def terminal_table(result: Any) -> Any:
                   f"{100 * row['rel_update_mlp']:.1f}%", f"{layers[row['block'] + 1]['norm_rest']:.1f}",
                   "" if d is None or d != d else f"{d:+.3f}")
     return t
+
+
+def residual_scale_figure(layers: pd.DataFrame, spec: str) -> Figure:
+    """The ordinary-token residual norm per layer, as the model runs and with its residual branches scaled."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=layers["point"], y=layers["norm_rest"], mode="lines+markers", name="as trained"))
+    fig.add_trace(go.Scatter(x=layers["point"], y=layers["rs_norm_rest"], mode="lines+markers",
+                             name=f"branches scaled ({spec})", line={"dash": "dash"}))
+    fig.update_layout(xaxis_title="layer (0 = embeddings, l = after block l-1)",
+                      yaxis_title="mean L2 norm, positions > 0 (log)", yaxis_type="log")
+    return Figure("Residual-branch scaling what-if", fig,
+                  "Every block's attention and MLP outputs scaled at inference (no retraining): how much of the norm's "
+                  "growth with depth the branch sizes carry.")
