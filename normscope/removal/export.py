@@ -76,7 +76,8 @@ def _eps_keys(config: Any, old_eps: set[float]) -> list[str]:
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A fresh instance of ``model``'s class with its current weights (the wrappers share the original keys)."""
-    fresh = type(model)._from_config(model.config, attn_implementation="eager", dtype=torch.float32)
+    cls: Any = type(model)  # a transformers PreTrainedModel class
+    fresh = cls._from_config(model.config, attn_implementation="eager", dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
     real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if real_missing or unexpected:
@@ -89,12 +90,12 @@ def plain_copy(model: nn.Module) -> nn.Module:
 def fold(model: nn.Module, removal: Removal, eps: float = DEFAULT_EPS) -> nn.Module:
     """A plain copy of the frozen ``model`` with every divisor folded into its norm gains and eps set to ``eps``."""
     export_check(removal)
-    plain = plain_copy(model)
+    plain: Any = plain_copy(model)
     old_eps = {w.eps for w in removal}
     with torch.no_grad():
         for w in removal:
             site = next(s for s in removal.sites if s.name == w.site_name)
-            mod = plain.get_submodule(site.path)
+            mod: Any = plain.get_submodule(site.path)
             assert w.divisor is not None
             mod.weight.copy_(folded_gain(mod.weight, w.divisor, eps, w.gain_offset))
             for attr in ("eps", "variance_epsilon", "epsilon"):
@@ -114,7 +115,7 @@ def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Pa
     """Fold, then write ``out_dir`` (safetensors, config, tokenizer, manifest) atomically; returns the folder
     and the folded in-memory model. ``prefix`` (:class:`normscope.removal.prefix.Prefix`, the exact-BOS mode)
     is written beside it as ``bos_prefix.safetensors``."""
-    plain = fold(model, removal, eps)
+    plain: Any = fold(model, removal, eps)  # a transformers model: save_pretrained
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)

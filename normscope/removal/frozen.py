@@ -110,6 +110,9 @@ class FrozenNorm(nn.Module):
     forward in ``aux_term``.
     """
 
+    weight: torch.Tensor | None  # the original norm's own Parameter objects (shared), or None
+    bias: torch.Tensor | None
+
     def __init__(self, original: nn.Module, site: Any, *, momentum: float = 0.9, first_token: bool = True) -> None:
         super().__init__()
         self.site_name: str = site.name
@@ -365,8 +368,8 @@ def find_value_path(attn: nn.Module | None, d_model: int) -> ValuePath | None:
             return ValuePath("v_proj", m)
     c = getattr(attn, "c_attn", None)
     w = getattr(c, "weight", None)
-    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape == (d_model, 3 * d_model):  # Conv1D [in, out]
-        return ValuePath("fused", c)
+    if isinstance(c, nn.Module) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape == (d_model, 3 * d_model):
+        return ValuePath("fused", c)  # GPT-2's Conv1D [in, out]
     return None
 
 
@@ -388,7 +391,8 @@ def attach_value_path(wrapper: FrozenNorm, vp: ValuePath, d_model: int) -> torch
         if v_in is None:
             return None
         wrapper.v_input = None
-        w, b = module.weight, module.bias  # [d_model, 3 d_model], [3 d_model]
+        fused: Any = module  # GPT-2's Conv1D
+        w, b = fused.weight, fused.bias  # [d_model, 3 d_model], [3 d_model]
         flat = v_in.reshape(-1, d_model)
         v = flat @ w[:, 2 * d_model:]
         if b is not None:

@@ -193,8 +193,9 @@ def build_schedule(sites: list[Any], steps: int, opts: ScheduleOptions | None = 
     pos, prev_phase = 0.0, None
     for phase, _name, _path in order:
         if prev_phase is not None:
-            g = gaps[phase] if explicit and gaps[phase] is not None else DEFAULT_UNITS[phase]
-            if explicit and gaps[phase] is None:
+            given = gaps[phase]
+            g: float = given if explicit and given is not None else DEFAULT_UNITS[phase]
+            if explicit and given is None:
                 g = _scaled_gap(phase, start, steps, opts, order)
             pos += g
         positions.append(pos)

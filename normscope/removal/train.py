@@ -251,7 +251,9 @@ class DataCursor:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices, none on gains, biases and other 1-D parameters (as HF does)."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -370,7 +372,7 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old: dict[int, Any] = {}
+    old: dict[signal.Signals, Any] = {}
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -501,7 +503,7 @@ def train(
                 if w.role == "final":
                     w.aux_target = w.ema
 
-    ddp_model: nn.Module = model
+    ddp_model: Any = model  # nn.Module, or DDP with its no_sync()
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -588,7 +590,7 @@ def train(
                 pending = _all_reduce(pending)
             params = [p for p in model.parameters() if p.grad is not None]
             gn = float(torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)) if opts.grad_clip > 0 else float(
-                torch.norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+                torch.norm(torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
             finite = math.isfinite(gn) and math.isfinite(float(sums[0]))
             if finite:
                 removal.commit(pending)
