@@ -98,6 +98,36 @@ def test_prefix_export_reproduces_the_trained_model_after_the_bos(tmp_path):
         pm(input_ids=ids[:, 1:])
 
 
+def test_normscope_loads_an_exact_bos_export_as_the_trained_model_bos_included(tmp_path):
+    """load_model on the export folder puts the BOS's live divisors back (core/lnfree.py): every position,
+    position 0 included, matches the trained model; a text whose windows lack the BOS is refused in one line."""
+    from normscope.core.models import load_model
+
+    model, layout, sites = _setup()
+    ids = _bos_ids()
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, ids)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits  # [batch, pos, vocab]
+    out, _ = export_model(model, rem, tiny_tokenizer(), tmp_path / "exp", {}, prefix=compute_prefix(model, [BOS]))
+    lm = load_model(str(out), device="cpu", dtype="float32")
+    assert lm.extra["exact_bos"]["prefix_ids"] == [BOS] and lm.extra["exact_bos"]["sites"] == len(sites)
+    with torch.no_grad():
+        got = lm.model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        bare = plain(input_ids=ids).logits  # the folded checkpoint alone: the BOS on the ordinary divisor
+    assert (bare[:, 0] - want[:, 0]).abs().max() > 1e-2
+    from normscope.core.lnfree import check_sample
+
+    check_sample(lm.extra["exact_bos"], sample_from_ids(ids.tolist(), ["x"] * 3, batch_size=3).batches)
+    with pytest.raises(NormscopeError, match="--bos yes"):
+        check_sample(lm.extra["exact_bos"], sample_from_ids(ids[:, 1:].tolist(), ["x"] * 3, batch_size=3).batches)
+
+
 def test_aux_spread_leaves_the_fixed_prefix_out_and_takes_a_fixed_target():
     d = torch.tensor([[[100.0], [2.0], [2.0], [4.0]]])  # [1, 4, 1]: position 0 is huge
     base = aux_spread(d)  # position 0 counts (target 8/3 from positions >= 1)
@@ -309,6 +339,15 @@ def test_cli_exact_bos_taper_guard_with_control_exports_a_prefix_model(tmp_path)
     assert "export: a plain transformers checkpoint plus a BOS key/value prefix" in res.output
     assert (tmp_path / "run" / "ln-free-model" / "bos_prefix.safetensors").exists()
     assert (tmp_path / "run" / "ln-free" / "sites.jsonl").exists()
+    # the export loads through normscope like any model, BOS included; without the BOS it is refused in one line
+    exp = str(tmp_path / "run" / "ln-free-model")
+    common = ["--text", str(tmp_path / "eval.txt"), "--seq-len", "32", "--force"]
+    res = CliRunner().invoke(app, ["sinks", exp, *common, "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "--bos yes" in res.output
+    res = CliRunner().invoke(app, ["dla", exp, *common, "--bos", "yes", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    dla = json.loads((tmp_path / "d" / "dla.json").read_text())["headlines"]
+    assert dla["NMAE, all components (%)"] < 1.0  # the final norm is a fixed scale: DLA is exact
 
 
 def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path):

@@ -82,8 +82,10 @@ class RunContext:
     @classmethod
     def build(cls, lm: LoadedModel, sample: TextSample, progress: Any = None) -> RunContext:
         """Probe the layout and norm sites of ``lm`` once (one forward pass) for every analysis that follows."""
+        from normscope.core.lnfree import check_sample
         from normscope.core.sites import find_layout, find_norm_sites
 
+        check_sample(lm.extra.get("exact_bos"), sample.batches)
         layout = find_layout(lm.model)
         return cls(lm, sample, layout, find_norm_sites(lm.model, layout), progress)
 

@@ -317,6 +317,11 @@ def load_model(
     except Exception as exc:
         raise _load_error(spec, source, exc) from exc
     model.to(dev)
+    exact_bos = None
+    if source == "folder" and not for_training:  # an exact-BOS LN-free export: its BOS keeps its own divisor
+        from normscope.core.lnfree import install_exact_bos
+
+        exact_bos = install_exact_bos(model, Path(where))
     model.train(for_training)
     if not for_training:
         for p in model.parameters():
@@ -339,7 +344,10 @@ def load_model(
         revision=revision,
         n_params=sum(p.numel() for p in model.parameters()),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, extra={"load_seconds": time.perf_counter() - t0})
+    extra: dict[str, Any] = {"load_seconds": time.perf_counter() - t0}
+    if exact_bos is not None:
+        extra["exact_bos"] = exact_bos
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, extra=extra)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
