@@ -56,7 +56,8 @@ def write_export(model: nn.Module, plan: RewritePlan, to: str, tokenizer: Any, o
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_dir(Path(out_dir)) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)  # type: ignore[operator]
+        config: Any = model.config
+        config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         full = {"format": FORMAT, "to": to, "weights": WEIGHTS, "plan": plan.to_dict(), **manifest}

@@ -54,8 +54,9 @@ def run(lm: Any, sample: Any, opts: RewriteOptions | None = None, *, progress: A
         compress(comp, plan)
     n_models = 3 if comp is not None else 2
     if progress is not None:
-        progress.note(f"rewrite: {len(plan.norms)} norms folded and swapped, {len(plan.embeddings) + len(plan.writers)} "
-                      f"writers centred; checking on {sample.n_tokens:,} tokens ({n_models} forward passes per batch).")
+        n_writers = len(plan.embeddings) + len(plan.writers)
+        progress.note(f"rewrite: {len(plan.norms)} norms folded and swapped, {n_writers} writers centred; "
+                      f"checking on {sample.n_tokens:,} tokens ({n_models} forward passes per batch).")
     ctx = progress.task("verifying", sample.n_tokens) if progress is not None else None
     if ctx is not None:
         with ctx as advance:
@@ -119,7 +120,8 @@ def build_result(lm: Any, sample: Any, opts: RewriteOptions, plan: RewritePlan, 
     }
     if ver.compressed is not None:
         headlines |= {"crms_max_rel_logit_diff": ver.compressed.max_rel, "ce_crms": ver.ce_compressed}
-    headlines["export"] = str(opts.export) if exported is not None else None
+    if exported is not None:
+        headlines["export"] = str(opts.export)
     payload = {"model": lm.info.name, "to": opts.to, "tolerance": opts.tolerance, "plan": plan.to_dict(),
                "biases_added": log.biases_added, "untied": log.untied,
                "logit_offset_max": log.logit_offset_max, "logit_offset_spread": log.logit_offset_spread,

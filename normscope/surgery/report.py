@@ -40,6 +40,17 @@ def _floor(values: Any) -> list[float]:
     return [max(float(v), FLOOR) if v == v else float("nan") for v in values]
 
 
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}{'' if k == 1 else 's'}"
+
+
+def _parallel(blocks: list[int]) -> str:
+    if not blocks:
+        return ""
+    which = f"block {blocks[0]} runs" if len(blocks) == 1 else f"blocks {', '.join(map(str, blocks))} run"
+    return f"; {which} attention and MLP in parallel on one input"
+
+
 def figures(result: Result, ver: Verification) -> list[Figure]:
     """Residual mean ratio at each norm input (both models), and the logit difference by position."""
     r = result.tables["residual_mean"]
@@ -53,7 +64,7 @@ def figures(result: Result, ver: Verification) -> list[Figure]:
                              line={"dash": "dot"}))
     fig.update_layout(title="Residual stream |mean| / rms per token at every norm input",
                       xaxis_title="norm input (forward order)", yaxis_title="|mean_d h| / rms(h) (log)",
-                      yaxis_type="log", template="plotly_white")
+                      yaxis_type="log", yaxis_exponentformat="power", template="plotly_white")
     figs = [Figure("Residual mean at every norm input", fig,
                    "The rewritten curves should sit at float32 rounding (about 1e-7), orders of magnitude under the "
                    "original: there LN and RMSNorm agree exactly.")]
@@ -68,7 +79,7 @@ def figures(result: Result, ver: Verification) -> list[Figure]:
     fig.add_hline(y=tol, line={"color": "firebrick", "dash": "dash"}, annotation_text=f"tolerance {tol:g}")
     fig.update_layout(title="Relative logit difference ||z' - z|| / ||z|| by position",
                       xaxis_title="position", yaxis_title="relative difference (log)", yaxis_type="log",
-                      template="plotly_white")
+                      yaxis_exponentformat="power", template="plotly_white")
     figs.append(Figure("Logit difference by position", fig,
                        "Every point should lie far below the dashed tolerance line; a rising curve would mean error "
                        "accumulating along the sequence."))
@@ -85,9 +96,9 @@ def summary(result: Result, ver: Verification, plan: RewritePlan) -> list[str]:
     lines = [
         f"{pl['model']}: {h['norms_swapped']} LayerNorms folded into the {n_readers} linears that read them and "
         f"replaced by {target} with the same eps ({', '.join(f'{e:g}' for e in eps)}); {h['writers_centred']} "
-        f"writers of the residual stream centred ({len(plan.embeddings)} embeddings, {len(plan.writers)} attention "
-        f"and MLP output projections){'; the tied unembedding was untied first' if pl['untied'] else ''}"
-        f"{f'; blocks {plan.parallel_blocks} run attention and MLP in parallel' if plan.parallel_blocks else ''}. "
+        f"writers of the residual stream centred ({_n(len(plan.embeddings), 'embedding')}, {len(plan.writers)} "
+        "attention and MLP output projections){'; the tied unembedding was untied first' if pl['untied'] else ''}"
+        f"{_parallel(plan.parallel_blocks)}. "
         f"On {pl['tokens_checked']:,} tokens the logits differ by at most {h['max_rel_logit_diff']:.2e} relative "
         f"(mean {h['mean_rel_logit_diff']:.2e}; tolerance {pl['tolerance']:g}): {verdict}. Next-token CE "
         f"{h['ce_original']:.6f} original, {h['ce_rewritten']:.6f} rewritten.",
@@ -99,13 +110,16 @@ def summary(result: Result, ver: Verification, plan: RewritePlan) -> list[str]:
         f"in the original, where an RMSNorm would divide by up to {1 / factor if factor else math.inf:.4g}x the "
         "LayerNorm's divisor (std = rms x sqrt(1 - r^2)). Centring the writers is what makes LN = RMSNorm hold.")
     lines.append(
-        f"The final LayerNorm's bias b folds into an unembedding bias W_U b (max |offset| {pl['logit_offset_max']:.4g}, "
+        "The final LayerNorm's bias b folds into an unembedding bias W_U b (max |offset| "
+        f"{pl['logit_offset_max']:.4g}, "
         f"spread {pl['logit_offset_spread']:.4g} over the vocabulary). It is the same at every position but not "
         "for every token, so it changes the softmax unless its spread is 0: it is kept as a bias, and the check "
         "compares raw logits (the log-softmax difference is reported too).")
     if pl["to"] == "crmsnorm" and ver.compressed is not None:
         lines.append(f"CRMSNorm: the stream keeps {plan.d_model - 1} of {plan.d_model} coordinates; its logits differ "
-                     f"by at most {ver.compressed.max_rel:.2e} relative, CE {ver.ce_compressed:.6f}.")
-    lines.append(f"Export: {pl['export_kind']} in {h['export']}. {pl['plain_transformers']}" if h["export"]
+                     f"by at most {ver.compressed.max_rel:.2e} relative, CE {ver.ce_compressed:.6f}. The logit and "
+                     "residual figures above are of the Pre-RMSNorm stage it is compressed from (a compressed "
+                     "stream is zero-mean by construction), the CRMSNorm curve of its logits is drawn with them.")
+    lines.append(f"Export: {pl['export_kind']} in {h['export']}. {pl['plain_transformers']}" if h.get("export")
                  else f"Export: none (give --export DIR). {pl['plain_transformers']}")
     return lines

@@ -219,7 +219,8 @@ def find_plan(model: nn.Module, layout: ModelLayout, sites: list[NormSite], name
                 and rec[p].out is not None and rec[p].out.shape[-1] == layout.d_model]  # type: ignore[union-attr]
         r = rec.get(b.path)
         outs = [rec[p].out for p in cand]
-        if r is None or r.inp is None or r.out is None or not _sums_to(r.out - r.inp, [o for o in outs if o is not None]):
+        delta = None if r is None or r.inp is None or r.out is None else r.out - r.inp  # [1, seq, d_model]
+        if not _sums_to(delta, [o for o in outs if o is not None]):
             raise NormscopeError(f"Block {b.index} of {name}: its output is not its input plus the outputs of "
                                  f"{', '.join(cand) or 'any linear layer'}, so the writers of the residual stream "
                                  "cannot be centred exactly.")
@@ -255,8 +256,9 @@ def _set_out_in(mod: nn.Module, w: torch.Tensor) -> None:
     out_f, in_f = w.shape
     if isinstance(mod, nn.Linear):
         mod.out_features, mod.in_features = out_f, in_f
-    else:
-        mod.nf, mod.nx = out_f, in_f
+    else:  # Conv1D
+        conv: Any = mod
+        conv.nf, conv.nx = out_f, in_f
 
 
 def _set_bias(mod: nn.Module, b: torch.Tensor) -> None:
@@ -302,8 +304,8 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def untie(model: nn.Module, plan: RewritePlan) -> None:
     """Give the unembedding its own weight (so that centring the token embedding leaves it alone)."""
-    head = model.get_submodule(plan.unembed)
-    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    head: Any = model.get_submodule(plan.unembed)
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=bool(head.weight.requires_grad))
     cfg: Any = getattr(model, "config", None)
     if cfg is not None:
         cfg.tie_word_embeddings = False
