@@ -203,7 +203,7 @@ def test_rewrite_help_has_every_shared_option_and_examples() -> None:
     text = _help("rewrite")
     for flag in SHARED_FLAGS + _flags(RewriteOptions):
         assert f" {flag}" in text, flag
-    assert "Examples" in text and "--export runs/gpt2-rmsnorm" in text
+    assert "Examples" in text and "--export runs/gpt2-rms" in text
 
 
 def test_rewrite_bad_input_is_one_line_and_exit_2_before_loading(tmp_path: Path) -> None:
@@ -233,6 +233,8 @@ def test_rewrite_command_page_json_export_and_reload(gpt2_dir: Path, tmp_path: P
     h = d["headlines"]
     assert h["passed"] is True and h["max_rel_logit_diff"] <= 1e-4 and h["max_resid_mean_ratio"] < 1e-5
     assert abs(h["ce_original"] - h["ce_rewritten"]) < 1e-4
+    text = " ".join(d["summary"])
+    assert "untied first" in text and "PASSED" in text and "{" not in text  # no template left unfilled
     assert (out / "rewrite.html").exists() and (out / "rewrite_residual_mean.csv").exists()
     assert 'href="rewrite.html"' in (out / "index.html").read_text()
     assert REWRITE_MANIFEST == MANIFEST and (exp / MANIFEST).exists()

@@ -38,10 +38,10 @@ EPILOG = ("Folds every LayerNorm's gain and bias into the linears that read it (
           "eps. Cost: two copies of the model in memory (three with --to crmsnorm) and two (three) forward passes "
           "per batch. Refused: Post-LN models (minilm-l6), models that are already RMSNorm (smollm2-135m).\n\n"
           "Examples:\n\n"
-          "  normscope rewrite gpt2                                   # check only: page, JSON, CSV\n\n"
-          "  normscope rewrite gpt2 --export runs/gpt2-rmsnorm        # + a checkpoint normscope loads\n\n"
-          "  normscope rewrite EleutherAI/pythia-160m --to crmsnorm   # the compressed variant (d_model - 1)\n\n"
-          "  normscope sinks runs/gpt2-rmsnorm                        # any command reads the export")
+          "  normscope rewrite gpt2                         # check only: page, JSON\n\n"
+          "  normscope rewrite gpt2 --export runs/gpt2-rms  # + a checkpoint\n\n"
+          "  normscope rewrite EleutherAI/pythia-160m --to crmsnorm\n\n"
+          "  normscope sinks runs/gpt2-rms                  # analyse the export")
 
 
 def _rewrite(model_opts: Any, text_opts: Any, output_opts: Any, opts: RewriteOptions) -> None:
@@ -68,6 +68,8 @@ def _rewrite(model_opts: Any, text_opts: Any, output_opts: Any, opts: RewriteOpt
         eprint(f"export: {outcome.exported}" if outcome.exported else "export: none (give --export DIR)")
 
 
-rewrite_command = guarded(command([MODEL, Group("opts", RewriteOptions, "rewrite options"), TEXT, OUTPUT], _rewrite,
+_MODEL = Group("model_opts", MODEL.cls, "Model", notes=(("dtype", "rewrite: float32 only (auto means float32)."),))
+_OUTPUT = Group("output_opts", OUTPUT.cls, "Output", notes=(("force", "Also replaces an existing --export folder."),))
+rewrite_command = guarded(command([_MODEL, Group("opts", RewriteOptions, "rewrite options"), TEXT, _OUTPUT], _rewrite,
                                   name="rewrite", doc=HELP))
 app.command("rewrite", help=HELP, epilog=EPILOG)(rewrite_command)

@@ -97,7 +97,7 @@ def summary(result: Result, ver: Verification, plan: RewritePlan) -> list[str]:
         f"{pl['model']}: {h['norms_swapped']} LayerNorms folded into the {n_readers} linears that read them and "
         f"replaced by {target} with the same eps ({', '.join(f'{e:g}' for e in eps)}); {h['writers_centred']} "
         f"writers of the residual stream centred ({_n(len(plan.embeddings), 'embedding')}, {len(plan.writers)} "
-        "attention and MLP output projections){'; the tied unembedding was untied first' if pl['untied'] else ''}"
+        f"attention and MLP output projections){'; the tied unembedding was untied first' if pl['untied'] else ''}"
         f"{_parallel(plan.parallel_blocks)}. "
         f"On {pl['tokens_checked']:,} tokens the logits differ by at most {h['max_rel_logit_diff']:.2e} relative "
         f"(mean {h['mean_rel_logit_diff']:.2e}; tolerance {pl['tolerance']:g}): {verdict}. Next-token CE "
