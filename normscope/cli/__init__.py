@@ -1,5 +1,5 @@
 """The ``normscope`` command line: one generated command per registered analysis, plus ``report``, ``compare``,
-``sites`` and ``remove-ln`` (the math lives in the analysis packages)."""
+``sites``, ``remove-ln`` and ``rewrite`` (the math lives in the analysis packages)."""
 
 from __future__ import annotations
 
@@ -31,4 +31,5 @@ def main(
 
 from normscope.cli import commands as _commands  # noqa: E402,F401  (registers the analysis commands, report, compare)
 from normscope.cli import remove_ln as _remove_ln  # noqa: E402,F401
+from normscope.cli import rewrite as _rewrite  # noqa: E402,F401
 from normscope.cli import sites as _sites  # noqa: E402,F401

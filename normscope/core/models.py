@@ -31,6 +31,7 @@ from normscope.core.io import slugify
 from normscope.core.options import DEFAULT_MODEL
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REWRITE_MANIFEST = "normscope_rewrite.json"  # a `normscope rewrite --export` folder: rebuilt, not plain-loaded
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,11 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model: Any
         with _no_loading_bar():  # transformers' "Loading weights" bar would land in the middle of our output
-            if is_causal:
+            if source == "folder" and (Path(where) / REWRITE_MANIFEST).exists():  # `normscope rewrite --export`
+                from normscope.surgery.export import load_rewritten
+
+                model = load_rewritten(Path(where), torch_dtype, attn_implementation, trust_remote_code)
+            elif is_causal:
                 model = AutoModelForCausalLM.from_pretrained(where, **model_kwargs)
             else:
                 model = AutoModel.from_pretrained(where, **model_kwargs)

@@ -80,7 +80,7 @@ def write_index(title: str, meta: dict[str, Any], entries: Sequence[IndexEntry],
 
 
 # Cards in this order; other analyses follow alphabetically.
-CARD_ORDER = ("sinks", "depth", "grads", "hubness", "dla", "remove-ln", "compare")
+CARD_ORDER = ("sinks", "depth", "grads", "hubness", "dla", "remove-ln", "rewrite", "compare")
 
 
 def text_line(text: Any) -> str:
