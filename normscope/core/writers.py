@@ -123,11 +123,12 @@ def find_writers(model: nn.Module, layout: ModelLayout, sites: list[NormSite]) -
         for p in chosen:
             blk = next((b for bp, b in by_block if p.startswith(bp)), None)
             m = mods[p]
+            weight: nn.Parameter = m.weight  # type: ignore[assignment]  # a 2-D Parameter (_weight_modules)
             exact = site.role in EXACT_ROLES and (len(chosen) == 1 and _same_values(ev[p].out, e.inp))
             out.append(Writer(name=_name(p, blk, layout, m), kind=_kind(p, blk, site, m),
                               block=None if blk is None else blk.index,
                               path=p, site=site.name, invariance="exact" if exact else "joint",
-                              has_bias=isinstance(getattr(m, "bias", None), nn.Parameter), weight=m.weight))
+                              has_bias=isinstance(getattr(m, "bias", None), nn.Parameter), weight=weight))
             claimed.add(p)
     return out
 

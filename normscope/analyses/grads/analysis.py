@@ -64,7 +64,7 @@ from normscope.report.result import build_meta
 
 __all__ = ["AXES", "LABELS", "GradProfile", "measure", "run", "terminal_table"]
 
-AXES = {"blocks": "block", "residual": "point", "groups": "block", "writers": "block"}  # each per-depth table: its depth column
+AXES = {"blocks": "block", "residual": "point", "groups": "block", "writers": "block"}  # table: depth column
 LABELS = {  # words for table and column names on pages and in compare
     "blocks": "per block",
     "residual": "per residual point",

@@ -93,12 +93,13 @@ def effective_summary(p: GradProfile) -> list[str]:
     w = e.writers
     lo, hi = w.loc[w["eff_lr_adam"].idxmin()], w.loc[w["eff_lr_adam"].idxmax()]
     inv = w["invariance"].value_counts()
+    classes = ", ".join(f"{n} with {k}" for k, n in inv.items())
+    spread_adam, spread_sgd = hi["eff_lr_adam"] / lo["eff_lr_adam"], w["eff_lr_sgd"].max() / w["eff_lr_sgd"].min()
     out = [f"Effective learning rates (Lyle et al. 2024) at lr = {e.lr:g} of the {len(w)} weights whose output a "
-           f"norm normalizes ({', '.join(f'{n} with {k}' for k, n in inv.items())} scale invariance): lr/||w|| (Adam) "
-           f"runs from {lo['eff_lr_adam']:.3g} ({lo['name']}, ||w|| = {lo['weight_norm']:.4g}) to "
-           f"{hi['eff_lr_adam']:.3g} ({hi['name']}, ||w|| = {hi['weight_norm']:.4g}), {hi['eff_lr_adam'] / lo['eff_lr_adam']:.3g}x; "
-           f"lr/||w||^2 (SGD) spreads {hi['eff_lr_sgd'] / lo['eff_lr_sgd']:.3g}x. A larger ||w|| learns slower "
-           "at the same learning rate; NaP keeps ||w|| fixed to keep the step constant."]
+           f"norm normalizes ({classes} scale invariance): lr/||w|| (Adam) runs from {lo['eff_lr_adam']:.3g} "
+           f"({lo['name']}, ||w|| = {lo['weight_norm']:.4g}) to {hi['eff_lr_adam']:.3g} ({hi['name']}, ||w|| = "
+           f"{hi['weight_norm']:.4g}), {spread_adam:.3g}x; lr/||w||^2 (SGD) spreads {spread_sgd:.3g}x. "
+           "A larger ||w|| learns slower at the same learning rate; NaP keeps ||w|| fixed to keep the step constant."]
     if e.steps:
         u = e.updates["rel_update"].to_numpy(dtype=float)
         first = w["update_first"] / w["lr_over_rms"]
