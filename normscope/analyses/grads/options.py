@@ -37,4 +37,4 @@ class GradsOptions:
     steps: int = opt(0, lo=0)
     """AdamW steps (torch defaults, weight decay 0.01; one text batch a step, cycling) of a short fine-tune after
     the gradients are measured, logging ||dw||/||w|| per step of those weights; every parameter is put back in
-    memory afterwards and nothing is written to disk (0: off)."""
+    memory afterwards, no checkpoint is written (0: off)."""
