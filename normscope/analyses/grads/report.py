@@ -135,7 +135,8 @@ def effective_figures(p: GradProfile) -> list[Figure]:
     fig.update_yaxes(type="log")
     fig.update_xaxes(title_text="block (-1 = embeddings)")
     fig.update_layout(title=f"Effective learning rate of the weights a norm normalizes, lr = {e.lr:g}",
-                      template="plotly_white", legend={"orientation": "h", "y": -0.25})
+                      template="plotly_white", legend={"orientation": "h", "y": -0.25},
+                      margin={"t": 110})  # subplot titles clear of the mode bar
     figs.append(Figure("Effective learning rate per block", fig,
                        "Where ||w|| grows with depth, the same learning rate turns those weights less (Lyle et al. "
                        "2024); meaningful only for scale-invariant weights (see the caveat above)."))
@@ -157,7 +158,8 @@ def effective_figures(p: GradProfile) -> list[Figure]:
         fig.update_xaxes(title_text="block (-1 = embeddings)", row=1, col=1)
         fig.update_xaxes(title_text="AdamW step", row=1, col=2)
         fig.update_layout(title=f"Relative update ||dw||/||w|| over {e.steps} AdamW steps, lr = {e.lr:g}",
-                          template="plotly_white", legend={"orientation": "h", "y": -0.25})
+                          template="plotly_white", legend={"orientation": "h", "y": -0.25},
+                          margin={"t": 110})  # subplot titles clear of the mode bar
         figs.append(Figure("Relative update per step", fig,
                            "Dotted: lr / rms(w), Adam's first step (every entry moves by about lr); later steps "
                            "fall below it as Adam's moments average the gradient's sign out."))
