@@ -1,6 +1,7 @@
 """Read a remove-ln run's ``sites.jsonl``: per step, the first site whose input went non-finite, the sites whose
-worst token (positions >= 1) sits furthest above the site's divisor, and the largest relative update of the
-weights reading a site (||dw|| / ||w||).
+worst token (positions >= 1) sits furthest above the site's divisor, and the largest relative updates
+(||dw|| / ||w||) of the weights reading a site and of those writing into it (logs without the writer column show
+none).
 
 Usage::
 
@@ -41,11 +42,13 @@ def main() -> None:
         rows = rec["sites"]
         peaks = sorted(((v[2] or 0.0, name, v[3]) for name, v in rows.items()), reverse=True)[: args.top]
         upd = sorted(((v[1] or 0.0, name) for name, v in rows.items()), reverse=True)[:2]
+        wupd = sorted(((v[4] or 0.0, name) for name, v in rows.items() if len(v) > 4), reverse=True)[:2]
         st = steps.get(k, {})
         text = ", ".join(f"{n} {r:.1f}x ({tok.decode([t]) if tok and t is not None else t!r})" for r, n, t in peaks)
         print(f"step {k:4d} CE {st.get('ce', float('nan')):.3f} removed {st.get('n_removed', '?'):>2} "
               f"{'SKIP ' if not rec['finite'] else ''}first non-finite: {rec['first_nonfinite_input']} | worst: "
-              f"{text} | max dw/w: " + ", ".join(f"{n} {r:.2e}" for r, n in upd))
+              f"{text} | max dw/w: " + ", ".join(f"{n} {r:.2e}" for r, n in upd)
+              + (" | writers: " + ", ".join(f"{n} {r:.2e}" for r, n in wupd) if wupd else ""))
 
 
 if __name__ == "__main__":

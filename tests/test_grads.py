@@ -269,11 +269,11 @@ def test_one_profile_per_result_and_its_terminal_table() -> None:
     res = grads.run(_lm(tiny_llama(n_layers=3)), _sample(n=2))
     assert len(res.payload["profiles"]) == 1 and res.payload["profiles"][0]["n_blocks"] == 3
     assert res.title == "Gradient flow per layer" and "compare" not in res.meta
-    assert set(res.tables) == {"blocks", "residual", "groups"}  # no *_compare tables
+    assert set(res.tables) == {"blocks", "residual", "groups", "writers"}  # no *_compare; "updates" needs --steps
     assert set(res.headlines) == {"loss (next-token)", "block grad, first/last third", "residual grad, embeddings/last"}
     assert "compare" not in inspect.signature(grads.measure).parameters
     assert [f.title for f in res.figures][:2] == ["Parameter gradient per block", "Residual-stream gradient per layer"]
-    assert len(res.summary) == 2 and res.summary[0].startswith("tiny: loss = next-token cross-entropy")
+    assert len(res.summary) == 4 and res.summary[0].startswith("tiny: loss = next-token cross-entropy")
     table = grads_report.terminal_table(res)
     assert [c.header for c in table.columns] == ["block", "||grad||", "attention", "mlp", "norm", "||dL/dh||"]
     assert table.row_count == 3 and table.title == "grads: tiny"

@@ -196,7 +196,7 @@ def test_exact_bos_taper_training_logs_sites_and_exports_a_prefix(tmp_path):
     assert final.aux_target is not None and final.aux_target > 0
     lines = [json.loads(x) for x in (tmp_path / "run" / "sites.jsonl").read_text().splitlines()]
     assert len(lines) == 14 and set(lines[0]["sites"]) == {s.name for s in sites}
-    gain, rel, peak, tok = lines[5]["sites"]["blocks.0.ln2"]
+    gain, rel, peak, tok, _ = lines[5]["sites"]["blocks.0.ln2"]  # the last: writer_rel_update (test_writer_log)
     assert gain > 0 and 0 < rel < 1 and peak >= 1.0 and 4 <= tok < 100
     assert lines[5]["first_nonfinite_input"] is None
     # position 0 stayed exact: the trained wrapped model's position-0 logits equal a live pass's

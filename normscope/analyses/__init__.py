@@ -50,10 +50,13 @@ register(AnalysisSpec(
     title="Gradient flow: L2 gradient norms per block and parameter group, and ||dL/dh|| on the residual stream.",
     references=tuple(_GRADS_REFS),
     epilog="Cost: one forward and one backward pass per batch (two views per sequence for --loss masked-view); "
-    "memory holds one batch's graph plus one gradient per parameter, whatever the number of tokens.\n\n"
+    "memory holds one batch's graph plus one gradient per parameter, whatever the number of tokens. --steps N "
+    "adds N forward and backward passes and AdamW's moments plus a host copy of the weights (3x the "
+    "parameters).\n\n"
     "Examples:\n\n"
     "  normscope grads                                   # bundled SmolLM2-135M, next-token loss\n\n"
     "  normscope grads minilm-l6                         # encoder without a head: masked-view cosine loss\n\n"
+    "  normscope grads --steps 10 --lr 2e-4              # + ||dw||/||w|| over 10 AdamW steps, weights put back\n\n"
     "  normscope compare smollm2-135m minilm-l6 --only grads   # Pre-LN vs Post-LN on one page, depth 0..1",
 ))
 register(AnalysisSpec(

@@ -217,6 +217,8 @@ class ModelLayout:
     d_model: int
     sites: list[NormSite] | None = field(default=None, repr=False, compare=False)
     """The norm sites found by the same probe pass (reused by :func:`find_norm_sites` while still valid)."""
+    events: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """What each hooked module did in that probe pass (fingerprints and forward order; read by core.writers)."""
 
     @property
     def n_layers(self) -> int:
@@ -410,7 +412,9 @@ def _analyse(model: nn.Module, layout: ModelLayout | None = None) -> tuple[Model
     blocks_path, block_list = (layout.blocks_path, None) if layout else _find_block_list(model)
     norms = {p: m for p, m in model.named_modules() if p and is_norm_module(m)}
     prefix = blocks_path + "."
-    ev = _trace(model, {m: p for p, m in model.named_modules() if p in norms or p.startswith(prefix)})
+    weights = {p for p, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)
+               and m.weight.dim() == 2}  # embeddings outside the blocks too: core.writers reads their order
+    ev = _trace(model, {m: p for p, m in model.named_modules() if p in norms or p in weights or p.startswith(prefix)})
     if layout is None:
         assert block_list is not None
         layout = _build_layout(model, blocks_path, block_list, norms, ev)
@@ -447,7 +451,7 @@ def _analyse(model: nn.Module, layout: ModelLayout | None = None) -> tuple[Model
     found.sort(key=lambda s: s[0])  # forward order; norms that never ran come last, in module order
     sites = [s for _, s in found]
     layout.final_norm = next((s for s in sites if s.role == "final"), None)
-    layout.sites = sites
+    layout.sites, layout.events = sites, ev
     return layout, sites
 
 

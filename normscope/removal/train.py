@@ -44,6 +44,7 @@ from torch import nn
 from normscope.core.errors import NormscopeError
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import Schedule, ScheduleOptions, build_schedule
+from normscope.removal.writers import WriterUpdates, site_writers
 from normscope.report import atomic_dir
 
 CHECKPOINT_PREFIX = "ckpt-"
@@ -117,7 +118,8 @@ class TrainOptions:
     log_sites: bool = True
     """Write ``sites.jsonl``: per step and site, the gain norm ||w||, the relative update ||dw||/||w|| of the
     weights reading the site, and the largest divisor at positions >= 1 over the site's divisor, with its
-    token; plus the first site (forward order) whose input was non-finite."""
+    token, and the relative update of the weights writing into the site (``normscope.removal.writers``); plus
+    the first site (forward order) whose input was non-finite."""
     skip_nonfinite: bool = True
     """Skip an optimizer step whose loss or gradient is not finite (and count it) instead of failing."""
     max_nonfinite_run: int = 10
@@ -456,7 +458,8 @@ def train(
             w.follow = opts.schedule.taper
             w.guard, w.guard_weight = opts.guard, opts.guard_weight
     aux_names = _aux_site_names(removal, opts.aux_sites)
-    watch = SiteWatch(removal, site_consumers(layout, removal)) if opts.log_sites and rank == 0 else None
+    watch = SiteWatch(removal, site_consumers(layout, removal), WriterUpdates(site_writers(model, layout, sites))
+                      ) if opts.log_sites and rank == 0 else None
     if opts.aux_form not in ("squared", "log"):
         raise NormscopeError(f"--aux-form must be squared or log, not '{opts.aux_form}'.")
     for p in model.parameters():
@@ -657,8 +660,9 @@ class SiteWatch:
     """Per-step, per-site diagnostics for ``sites.jsonl`` (see :attr:`TrainOptions.log_sites`). The copies of
     the consumer weights live in buffers allocated once (a fresh 400 MB copy a step costs seconds here)."""
 
-    def __init__(self, removal: Removal, consumers: dict[str, list[nn.Parameter]]) -> None:
-        self.removal, self.consumers = removal, consumers
+    def __init__(self, removal: Removal, consumers: dict[str, list[nn.Parameter]],
+                 writers: WriterUpdates | None = None) -> None:
+        self.removal, self.consumers, self.writers = removal, consumers, writers
         self.peak: dict[str, tuple[float, int]] = {}  # site -> (largest divisor at pos >= 1, its token id)
         self.nonfinite: list[str] = []
         self.before: dict[str, list[torch.Tensor]] = {}
@@ -688,6 +692,8 @@ class SiteWatch:
                 else:
                     for q, p in zip(self.before[k], ps, strict=True):
                         q.copy_(p.detach())
+        if self.writers is not None:
+            self.writers.snapshot()
         self.updated = True
 
     def write(self, run_dir: Path, step: int, finite: bool) -> None:
@@ -705,11 +711,14 @@ class SiteWatch:
             ref = w.divisor if w.divisor is not None else w.ema
             pk = self.peak.get(name)
             gain = float(w.weight.detach().float().norm()) if w.weight is not None else None
-            rows[name] = [_r(gain), _r(rel), _r(pk[0] / ref) if pk and ref else None, pk[1] if pk else None]
+            wrel = self.writers.relative(name) if self.updated and self.writers is not None else None
+            rows[name] = [_r(gain), _r(rel), _r(pk[0] / ref) if pk and ref else None, pk[1] if pk else None,
+                          _r(wrel)]
             w.watch = False
         rec = {"step": step, "finite": finite, "first_nonfinite_input": self.nonfinite[0] if self.nonfinite else None,
                "nonfinite_inputs": len(self.nonfinite), "cols": ["gain_norm", "consumer_rel_update",
-                                                                 "peak_over_divisor", "peak_token"], "sites": rows}
+                                                                 "peak_over_divisor", "peak_token",
+                                                                 "writer_rel_update"], "sites": rows}
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "sites.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")

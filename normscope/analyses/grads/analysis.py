@@ -10,7 +10,12 @@ Metrics and where they come from:
   gradients in the early layers of Post-LN models; the Pre-LN / Post-LN gradient analysis goes back to Xiong et
   al. 2020, "On Layer Normalization in the Transformer Architecture" (arXiv:2002.04745);
 * ||dL/dh_l|| on the residual stream at every layer, where vanishing gradients show (Xiong et al. 2020;
-  Sun et al. 2025, "The Curse of Depth in Large Language Models", arXiv:2502.05795).
+  Sun et al. 2025, "The Curse of Depth in Large Language Models", arXiv:2502.05795);
+* per weight matrix whose output a norm normalizes (:mod:`normscope.core.writers`: the embeddings, attention
+  output and MLP down projections of pre-norm models, the dense layer before each LayerNorm of post-LN ones, the
+  projections into qk-norms), ||w|| and the effective step sizes lr/||w||^2 (SGD) and lr/||w|| (Adam), and with
+  ``--steps N`` the relative update ||dw||/||w|| of each of N AdamW steps (Lyle et al. 2024, "Normalization and
+  effective learning rates in reinforcement learning", arXiv:2407.01800; :mod:`.effective`).
 
 Losses: causal LMs use next-token cross-entropy; encoders use their masked-LM head when they have one, and
 otherwise (e.g. the bundled all-MiniLM-L6-v2, a sentence encoder without a head) the **masked-view cosine
@@ -39,6 +44,7 @@ import pandas as pd
 import torch
 
 from normscope.analyses.base import RunContext
+from normscope.analyses.grads.effective import EffectiveLR, measure_effective
 from normscope.analyses.grads.losses import LOSS_NAMES, Masker, choose_loss, forward_loss, loss_units
 from normscope.analyses.grads.metrics import l2, thirds_ratio
 from normscope.analyses.grads.options import REFERENCES, GradsOptions
@@ -48,15 +54,17 @@ from normscope.analyses.grads.report import figures, summary, terminal_table
 from normscope.core.capture import Capture
 from normscope.core.errors import NormscopeError
 from normscope.core.nonfinite import flag_nonfinite, note_nonfinite, watch_residual
+from normscope.core.progress import note
 from normscope.core.progress import progress_task as _task
 from normscope.core.sites import find_layout, find_norm_sites
 from normscope.core.text import TokenBatch
+from normscope.core.writers import find_writers
 from normscope.report import Result
 from normscope.report.result import build_meta
 
 __all__ = ["AXES", "LABELS", "GradProfile", "measure", "run", "terminal_table"]
 
-AXES = {"blocks": "block", "residual": "point", "groups": "block"}  # each per-depth table: its depth column
+AXES = {"blocks": "block", "residual": "point", "groups": "block", "writers": "block"}  # table: depth column
 LABELS = {  # words for table and column names on pages and in compare
     "blocks": "per block",
     "residual": "per residual point",
@@ -72,6 +80,12 @@ LABELS = {  # words for table and column names on pages and in compare
     "relative": "||grad|| / ||parameters||",
     "point": "residual point",
     "nonfinite_points": "hook points with inf/NaN",
+    "writers": "per weight a norm normalizes",
+    "updates": "per fine-tune step and weight",
+    "weight_norm": "||w||",
+    "eff_lr_sgd": "lr / ||w||^2 (SGD)",
+    "eff_lr_adam": "lr / ||w|| (Adam)",
+    "update_mean": "||dw|| / ||w||, mean per step",
 }
 
 
@@ -93,6 +107,7 @@ class GradProfile:
     seconds: float = 0.0
     nonfinite: list[dict[str, Any]] = field(default_factory=list)  # inf/NaN report (Capture.nonfinite_report)
     skipped_batches: list[int] = field(default_factory=list)  # batches left out because of inf/NaN
+    effective: EffectiveLR | None = None  # effective learning rates of the weights a norm normalizes
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as the JSON's one entry of ``profiles``."""
@@ -100,7 +115,8 @@ class GradProfile:
                 "loss_name": self.loss_name, "loss": self.loss, "n_loss_terms": self.n_units,
                 "n_tokens": self.n_tokens, "skipped_batches": self.skipped_batches,
                 "blocks": self.blocks.to_dict("records"), "groups": self.groups.to_dict("records"),
-                "residual": self.residual.to_dict("records")}
+                "residual": self.residual.to_dict("records"),
+                "effective_lr": self.effective.to_dict() if self.effective is not None else None}
 
 
 def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: Any = None, *,
@@ -135,6 +151,10 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
     skipped: list[int] = []
     bad_loss: dict[str, dict[str, Any]] = {}  # a loss that overflowed while every hooked activation was finite
     n_tok = sum(int(b.attention_mask.sum()) for b in batches)
+    note(progress, f"grads: {len(batches)} forward + backward passes over {n_tok:,} tokens (one per batch)"
+         + (f"; fine-tune {opts.steps} AdamW steps, one batch each: {opts.steps} more forward + backward passes, "
+            "AdamW's moments and a host copy of the weights (3x the parameters), weights restored after"
+            if opts.steps else "; --steps N adds an N-step AdamW fine-tune") + ".")
     t0 = time.perf_counter()
     with grads_enabled(model), cap, _task(progress, f"gradients ({LOSS_NAMES[kind].split(':')[0][:40]})",
                                            n_tok) as adv:
@@ -183,8 +203,10 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
         raise NormscopeError("The gradients overflowed to inf/NaN in this dtype (the forward pass stayed finite); "
                              "rerun with --dtype float32.")
     name = LOSS_NAMES[kind].format(rate=opts.mask_rate)
+    effective = measure_effective(model, find_writers(model, layout, sites), opts.lr, opts.steps, kind, batches,
+                                  masks, masker.mask_id, progress)
     return GradProfile(lm.info.spec, layout.n_layers, kind, name, total_loss / kept_units, kept_units, kept_tok,
-                       blocks, gdf, residual, seconds, report, skipped)
+                       blocks, gdf, residual, seconds, report, skipped, effective)
 
 
 def _nonfinite_count(cap: Capture) -> int:
@@ -244,9 +266,15 @@ def _build_result(lm: Any, sample: Any, opts: GradsOptions, p: GradProfile) -> R
         "residual": p.residual.assign(depth=p.residual["point"] / p.n_blocks),
         "groups": p.groups,
     }
+    if p.effective is not None:
+        tables["writers"] = p.effective.writers
+        if p.effective.steps:
+            tables["updates"] = p.effective.updates
     payload: dict[str, Any] = {"model": p.model, "profiles": [p.to_dict()],  # one profile: a list for the JSON's sake
                                "accumulation": "gradient of the mean loss over the whole text, accumulated in .grad "
                                                "over batches (one backward per batch)"}
     return Result(analysis="grads", title="Gradient flow per layer", meta=build_meta(lm, sample, **opts.__dict__),
                   payload=payload, tables=tables, axes=AXES, labels=LABELS, figures=figures(p), headlines=headlines,
-                  summary=summary(p), references=REFERENCES, timings={f"forward + backward, {p.model}": p.seconds})
+                  summary=summary(p), references=REFERENCES, timings={f"forward + backward, {p.model}": p.seconds,
+                           **({f"fine-tune, {p.effective.steps} steps": p.effective.seconds}
+                              if p.effective is not None and p.effective.steps else {})})

@@ -6,7 +6,10 @@
   Transformer Architecture" (arXiv:2002.04745);
 * the masked-view cosine loss of encoders without a head (:func:`mean_pool`, :func:`masked_view_loss`,
   :func:`mask_positions`): the two-view objective of Gao et al. 2021, "SimCSE: Simple Contrastive Learning of
-  Sentence Embeddings" (arXiv:2104.08821), with masking as the augmentation, pooled as sentence-transformers do.
+  Sentence Embeddings" (arXiv:2104.08821), with masking as the augmentation, pooled as sentence-transformers do;
+* the effective learning rates of scale-invariant weights (:func:`effective_lr`, :func:`relative_update`):
+  Lyle et al. 2024, "Normalization and effective learning rates in reinforcement learning" (NeurIPS 2024,
+  arXiv:2407.01800): lr/||w||^2 for SGD, lr/||w|| for Adam, and the relative update ||dw||/||w|| of a step.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-__all__ = ["l2", "mask_positions", "masked_view_loss", "mean_pool", "thirds_ratio"]
+__all__ = ["effective_lr", "l2", "mask_positions", "masked_view_loss", "mean_pool", "relative_update", "thirds_ratio"]
 
 
 def l2(tensors: list[torch.Tensor]) -> float:
@@ -68,3 +71,20 @@ def thirds_ratio(values: pd.Series | np.ndarray) -> float:
     v = np.asarray(values, dtype=float)
     k = max(1, len(v) // 3)
     return float(np.nanmean(v[:k]) / np.nanmean(v[-k:]))
+
+
+def effective_lr(weight_norm: float, numel: int, lr: float) -> dict[str, float]:
+    """Effective step sizes of a scale-invariant weight of Frobenius norm ``weight_norm`` with ``numel`` entries
+    at learning rate ``lr`` (Lyle et al. 2024, arXiv:2407.01800): ``sgd`` = lr/||w||^2 (the gradient of a
+    scale-invariant weight shrinks as 1/||w||, so an SGD step turns its direction by lr ||g_unit|| / ||w||^2);
+    ``adam`` = lr/||w|| (Adam's step does not scale with the gradient); ``adam_first`` = lr sqrt(numel)/||w|| =
+    lr/rms(w), the relative update ||dw||/||w|| of Adam's first step, whose every entry moves by about lr."""
+    if not weight_norm > 0:
+        return {"sgd": math.inf, "adam": math.inf, "adam_first": math.inf}
+    return {"sgd": lr / weight_norm ** 2, "adam": lr / weight_norm, "adam_first": lr * math.sqrt(numel) / weight_norm}
+
+
+def relative_update(new: torch.Tensor, old: torch.Tensor) -> float:
+    """||new - old|| / ||old|| in float64: the relative update of one optimizer step (any shapes, equal)."""
+    den = float(old.double().norm())
+    return float((new.double() - old.double()).norm()) / den if den > 0 else math.inf
