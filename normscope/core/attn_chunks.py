@@ -65,7 +65,7 @@ def pattern_col_sum(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     neg = torch.finfo(torch.float32).min
     out = torch.zeros(b, h, t_k, dtype=torch.float32, device=query.device)  # [batch, head, key]
     rows = max(1, min(t_q, chunk_elements // max(b * h * t_k, 1)))
-    causal = is_causal and mask is None and position_bias is None
+    causal = is_causal and mask is None  # SDPA's convention: an explicit mask replaces the causal flag
     for i0 in range(0, t_q, rows):
         i1 = min(i0 + rows, t_q)
         n_k = min(t_k, i1 + (t_k - t_q)) if causal else t_k  # a causal chunk sees no key past its last row
@@ -77,7 +77,7 @@ def pattern_col_sum(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
             m = mask[:, :, i0:i1]  # [batch|1, head|1, rows, k]
             s = s.masked_fill(~m, neg) if m.dtype == torch.bool else s.add_(m.float()).clamp_(min=neg)
         if position_bias is not None:
-            s = s.add_(position_bias[:, :, i0:i1].float())
+            s = s.add_(position_bias[:, :, i0:i1, :n_k].float())
         out[..., :n_k] += torch.softmax(s, dim=-1).sum(dim=2)  # [batch, head, k]
     return out
 
@@ -121,16 +121,18 @@ def _register_impl() -> None:
 
 @contextmanager
 def attention_implementation(model: nn.Module, impl: str) -> Iterator[None]:
-    """Run ``model`` with attention implementation ``impl`` inside the block, restoring its own afterwards."""
-    before = model.config._attn_implementation
+    """Run ``model`` (a transformers ``PreTrainedModel``) with attention implementation ``impl`` inside the block,
+    restoring its own afterwards."""
+    m: Any = model
+    before = m.config._attn_implementation
     if impl == before:
         yield
         return
-    model.set_attn_implementation(impl)
+    m.set_attn_implementation(impl)
     try:
         yield
     finally:
-        model.set_attn_implementation(before)
+        m.set_attn_implementation(before)
 
 
 @contextmanager

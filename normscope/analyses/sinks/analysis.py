@@ -169,7 +169,7 @@ def run(ctx: RunContext, opts: SinksOptions) -> Result:
     with _task(progress, "sinks", total) as advance, cap:
         cap.run(sample.iter_batches(), on_output=loss, progress=advance)
         nonfinite = cap.nonfinite_report()  # of the measuring pass only, not of the ablations' edited passes
-        path = {"path": cap.attention_path, "reason": cap.attention_reason}
+        path: dict[str, Any] = {"path": cap.attention_path, "reason": cap.attention_reason}
         cap.remove()
         cap.clear()
         ablations = _ablate(cap, layout, resid, sample, opts, loss, advance) if opts.ablate else []
