@@ -31,8 +31,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CLOCK = time.perf_counter  # --cpu-time: time.process_time, for a machine whose other jobs take most of the CPU
+CPU_FLAG: list[str] = []  # passed on to the child processes
 
 
 def _sample(lm, n_tokens: int, seq_len: int = 64, batch_size: int = 8):
@@ -51,18 +54,18 @@ def _plain(lm, sample, impl: str) -> float:
     from normscope.core.attn_chunks import attention_implementation
 
     with attention_implementation(lm.model, impl), torch.no_grad():
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for b in sample.iter_batches():
             lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-        return sample.n_tokens / (time.perf_counter() - t0)
+        return sample.n_tokens / (CLOCK() - t0)
 
 
 def _sinks(lm, sample, attention: str = "auto") -> float:
     from normscope.analyses import sinks
 
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     result = sinks.run(lm, sample, sinks.SinksOptions(attention=attention))
-    seconds = time.perf_counter() - t0
+    seconds = CLOCK() - t0
     assert result.payload["attention_path"]["path"] == ("chunked" if attention == "auto" else attention)
     return sample.n_tokens / seconds
 
@@ -162,9 +165,9 @@ def child(kind: str, n_tokens: int, seq_len: int = 64, batch: int = 8, rounds: i
     attention = "auto" if kind == "chunked" else kind
     measured = (lambda: _sinks(lm, sample, attention)) if kind != "tl" else _tl_pass(lm, sample)
     with RssSampler() as sampler:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         measured()
-        seconds = time.perf_counter() - t0
+        seconds = CLOCK() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"kind": kind, "tokens": sample.n_tokens, "seq_len": seq_len, "batch": batch,
            "tok_s": sample.n_tokens / seconds, "peak_rss_mib": rss, "rss_after_load_mib": rss_loaded,
@@ -183,33 +186,34 @@ def child(kind: str, n_tokens: int, seq_len: int = 64, batch: int = 8, rounds: i
 
 def _spawn(kind: str, n_tokens: int, threads: int, seq_len: int = 64, batch: int = 8, rounds: int = 2) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, str(n_tokens), str(seq_len), str(batch), str(rounds),
-           "--threads", str(threads)]
+           "--threads", str(threads), *CPU_FLAG]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def sweep(tokens: int, threads: int, rounds: int) -> dict:
-    """Chunked and eager sinks passes at T = 64, 512, 2048, 4096 on the same number of tokens per batch."""
+def sweep(tokens: int, threads: int, rounds: int, seq_lens: tuple[int, ...] = (64, 512, 2048, 4096)) -> dict:
+    """Chunked and eager sinks passes at each T on the same number of tokens per batch."""
     rows = []
-    for seq_len in (64, 512, 2048, 4096):
+    for seq_len in seq_lens:
         for kind in ("chunked", "eager"):  # interleaved per T
             r = _spawn(kind, tokens, threads, seq_len, tokens // seq_len, rounds)
             rows.append(r)
-            print(json.dumps({k: r[k] for k in ("kind", "seq_len", "batch", "tok_s", "pass_growth_mib",
-                                                "peak_rss_mib", "sinks_over_plain")}), flush=True)
+            print(json.dumps({k: r.get(k) for k in ("kind", "seq_len", "batch", "tok_s", "pass_growth_mib",
+                                                    "peak_rss_mib", "sinks_over_plain")}), flush=True)
     by = {(r["kind"], r["seq_len"]): r for r in rows}
-    summary = {}
-    for seq_len in (64, 512, 2048, 4096):
+    summary: dict[str, Any] = {}
+    for seq_len in seq_lens:
         c, e = by[("chunked", seq_len)], by[("eager", seq_len)]
-        summary[seq_len] = {"chunked_over_eager_tok_s": c["tok_s"] / e["tok_s"],
-                            "chunked_over_eager_growth": c["pass_growth_mib"] / e["pass_growth_mib"],
-                            "chunked_over_eager_peak_rss": c["peak_rss_mib"] / e["peak_rss_mib"],
-                            "chunked_sinks_over_plain_sdpa": c["sinks_over_plain"],
-                            "eager_sinks_over_plain_eager": e["sinks_over_plain"]}
-    for kind in ("chunked", "eager"):
-        summary[f"{kind}_growth_4096_over_512"] = (by[(kind, 4096)]["pass_growth_mib"]
-                                                   / by[(kind, 512)]["pass_growth_mib"])
-        summary[f"{kind}_peak_rss_4096_over_512"] = by[(kind, 4096)]["peak_rss_mib"] / by[(kind, 512)]["peak_rss_mib"]
+        summary[str(seq_len)] = {"chunked_over_eager_tok_s": c["tok_s"] / e["tok_s"],
+                                 "chunked_over_eager_growth": c["pass_growth_mib"] / e["pass_growth_mib"],
+                                 "chunked_over_eager_peak_rss": c["peak_rss_mib"] / e["peak_rss_mib"],
+                                 "chunked_sinks_over_plain_sdpa": c.get("sinks_over_plain"),
+                                 "eager_sinks_over_plain_eager": e.get("sinks_over_plain")}
+    if 512 in seq_lens and 4096 in seq_lens:
+        for kind in ("chunked", "eager"):
+            big, small = by[(kind, 4096)], by[(kind, 512)]
+            summary[f"{kind}_growth_4096_over_512"] = big["pass_growth_mib"] / small["pass_growth_mib"]
+            summary[f"{kind}_peak_rss_4096_over_512"] = big["peak_rss_mib"] / small["peak_rss_mib"]
     return {"rows": rows, "summary": summary}
 
 
@@ -218,6 +222,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--only", choices=("speed", "sweep", "tl"), help="run one part")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the process's CPU time (use with --threads 1 where other jobs hold the CPU)")
+    ap.add_argument("--seq-lens", default="64,512,2048,4096", help="the sweep's T values")
+    ap.add_argument("--sweep-rounds", type=int, default=None, help="plain/sinks rounds per sweep process")
     ap.add_argument("--child", nargs=5, metavar=("KIND", "TOKENS", "T", "BATCH", "ROUNDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -227,6 +235,10 @@ def main() -> None:
     transformers.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+        CPU_FLAG.append("--cpu-time")
     if args.child:
         kind, *nums = args.child
         child(kind, *map(int, nums))
@@ -240,7 +252,9 @@ def main() -> None:
         print(json.dumps(speed(tokens, rounds), indent=1), flush=True)
     if args.only in (None, "sweep"):
         print("== T sweep: 4096 tokens per batch (one sequence at T = 4096), fresh processes")
-        print(json.dumps(sweep(4096, args.threads, 1 if args.quick else 2)["summary"], indent=1), flush=True)
+        rounds_sweep = args.sweep_rounds if args.sweep_rounds is not None else (1 if args.quick else 2)
+        seq_lens = tuple(int(t) for t in args.seq_lens.split(","))
+        print(json.dumps(sweep(4096, args.threads, rounds_sweep, seq_lens)["summary"], indent=1), flush=True)
     if args.only in (None, "tl"):
         print(f"== TransformerLens run_with_cache vs normscope sinks (default path), T = 64, {tokens} tokens, "
               "fresh processes, alternated")
