@@ -207,7 +207,7 @@ def test_overflow_is_named_by_hook_point_in_every_analysis(analysis: str, tmp_pa
     first = FIRST_POINT.get(analysis, "blocks.1.hook_resid_post")
     report = result.payload["nonfinite"]
     assert report[0]["point"] == first
-    assert report[0]["first_batch"] == 0 and report[0]["values"] >= 1
+    assert report[0]["first_batch"] == 0 and report[0]["batches"] >= 1
     assert result.summary[0].startswith("Warning: inf/NaN values appeared at ")
     assert f"{first} (batch 0)" in result.summary[0]
     assert next(iter(result.headlines.items())) == ("nonfinite_points", len(report))
@@ -252,4 +252,4 @@ def test_nonfinite_report_starts_where_the_overflow_began() -> None:
     report = cap.nonfinite_report()
     assert [r["point"] for r in report] == ["blocks.1.mlp.hook_out", "blocks.1.hook_resid_post",
                                             "blocks.2.ln1.hook_in"]
-    assert all(set(r) == {"point", "first_batch", "values"} and r["first_batch"] == 0 for r in report)
+    assert all(set(r) == {"point", "first_batch", "batches"} and r["first_batch"] == 0 for r in report)

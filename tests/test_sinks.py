@@ -142,6 +142,31 @@ def test_run_matches_output_attentions_and_hidden_states(factory) -> None:
         assert layers.median_abs[layer] == pytest.approx(float(h.median(1).values.mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize(("factory", "causal"), [(tiny_llama, True), (tiny_bert, False)])
+def test_chunked_and_eager_paths_give_the_same_result_and_the_page_names_the_path(factory, causal, tmp_path) -> None:
+    """The default (auto) pass runs SDPA with chunked column sums; --attention eager keeps whole patterns. Every
+    number derived from attention agrees to 1e-5, and the page says which path ran and why."""
+    from normscope.report import write_report
+
+    lm = _tiny_lm(factory(), causal=causal)
+    sample = sample_from_ids(_rows(6, 40, seed=4), ["prose"] * 3 + ["code"] * 3, batch_size=4)
+    auto = sinks.run(lm, sample, sinks.SinksOptions(min_queries=2, eps=0.03))
+    eager = sinks.run(lm, sample, sinks.SinksOptions(min_queries=2, eps=0.03, attention="eager"))
+    assert auto.payload["attention_path"] == {"path": "chunked",
+                                              "reason": "no statistic of this pass needs a whole T x T pattern"}
+    assert eager.payload["attention_path"] == {"path": "eager", "reason": "eager attention was asked for"}
+    a, e = auto.tables["heads"], eager.tables["heads"]
+    assert (a["alpha1"] - e["alpha1"]).abs().max() <= 1e-5
+    assert (a["alpha_later_max"] - e["alpha_later_max"]).abs().max() <= 1e-5
+    assert auto.payload["sink_rate"] == pytest.approx(eager.payload["sink_rate"], abs=1e-9)
+    assert auto.payload["sink_rate_by_category"] == pytest.approx(eager.payload["sink_rate_by_category"])
+    if causal:  # the untrained encoder attends uniformly (alpha ~ 1/T): no sink token to compare
+        assert auto.payload["sink_tokens"] == eager.payload["sink_tokens"] and auto.payload["sink_tokens"]
+    page = write_report(auto, tmp_path).html.read_text()
+    assert "Attention path: chunked (SDPA forward" in page
+    assert any(line.startswith("Attention path: eager (whole T x T patterns") for line in eager.summary)
+
+
 def test_outlier_rows_match_site_divisor_direct() -> None:
     model = tiny_llama()
     lm = _tiny_lm(model)

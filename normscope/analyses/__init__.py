@@ -20,7 +20,8 @@ register(AnalysisSpec(
     name="sinks", command="sinks", options=SinksOptions, runner="normscope.analyses.sinks.analysis:run",
     title="Attention sinks (alpha_1, Sink_1^0.3), massive activations and how outliers rescale each norm.",
     references=tuple(_SINKS_REFS),
-    epilog="Cost: one forward pass per batch (eager attention: full T x T patterns); --ablate adds three.\n\n"
+    epilog="Cost: one SDPA forward pass per batch, alpha_k in query chunks (no T x T pattern; --attention eager "
+    "keeps whole patterns); --ablate adds three.\n\n"
     "Examples:\n\n"
     "  normscope sinks                               # bundled SmolLM2-135M, built-in prompts, T = 64\n\n"
     "  normscope sinks --controls                    # + Gu et al.'s random and repeated-token rows\n\n"

@@ -18,13 +18,19 @@ def sink_scores(pattern: torch.Tensor, causal: bool = True) -> torch.Tensor:
     pattern: ``[batch, head, query, key]`` attention probabilities. Returns ``[batch, head, key]``.
     Causal models average over queries i >= k; encoders over all queries.
     """
-    t_q, t_k = pattern.shape[-2], pattern.shape[-1]
-    col = pattern.float().sum(dim=2)  # [batch, head, key]
+    return sink_scores_from_col_sum(pattern.float().sum(dim=2), pattern.shape[-2], causal)
+
+
+def sink_scores_from_col_sum(col: torch.Tensor, t_q: int, causal: bool = True) -> torch.Tensor:
+    """alpha_k from the pattern's column sums ``col`` ``[batch, head, key]`` (the attention each key receives, summed
+    over the ``t_q`` queries): divided by the number of queries that see key k (``t_q - k`` for causal models, all
+    ``t_q`` for encoders). Returns ``[batch, head, key]``."""
+    t_k = col.shape[-1]
     if causal:
-        n_q = (t_q - torch.arange(t_k, device=pattern.device) - (t_k - t_q)).clamp(min=1).float()  # [key]
+        n_q = (t_q - torch.arange(t_k, device=col.device) - (t_k - t_q)).clamp(min=1).float()  # [key]
     else:
-        n_q = torch.full((t_k,), float(t_q), device=pattern.device)
-    return col / n_q
+        n_q = torch.full((t_k,), float(t_q), device=col.device)
+    return col.float() / n_q
 
 
 def sink_hits(alpha: torch.Tensor, causal: bool, eps: float = SINK_EPS,

@@ -6,6 +6,7 @@ Hook points are named in TransformerLens style so that the statistics they feed 
 ``blocks.{i}.hook_resid_pre``       residual stream entering block ``i``  ``[batch, pos, d_model]``
 ``blocks.{i}.hook_resid_post``      residual stream leaving block ``i``   ``[batch, pos, d_model]``
 ``blocks.{i}.attn.hook_pattern``    attention probabilities ``[batch, head, query, key]`` (eager)
+``blocks.{i}.attn.hook_col_sum``    the pattern summed over queries ``[batch, head, key]`` (any path, below)
 ``blocks.{i}.attn.hook_out``        attention module output ``[batch, pos, d_model]``
 ``blocks.{i}.mlp.hook_out``         MLP module output ``[batch, pos, d_model]``
 ``{site}.hook_in``                  a norm site's input ``[batch, pos, d]`` (e.g. ``blocks.3.ln1.hook_in``)
@@ -17,20 +18,28 @@ A *reducer* is any object with ``update(x, ctx)`` (``x`` the tensor at the hook 
 :class:`BatchContext`) that folds the tensor into running sums, maxima or top-k; it never keeps the
 tensor. An *intervention* is ``fn(x, ctx) -> x`` and replaces the tensor (for ablations). Memory therefore
 grows with layers, heads and sites, never with the number of tokens.
+
+``hook_col_sum`` comes from one of two paths, chosen when the hooks are registered (:attr:`Capture.attention`):
+*chunked* (SDPA forward; the column sums are computed in query chunks from the queries and keys, see
+:mod:`normscope.core.attn_chunks`, so no T x T pattern exists) unless a reducer or intervention reads whole patterns
+at ``hook_pattern`` or the model cannot switch its attention, and *eager* (the pattern summed) otherwise.
+
+The inf/NaN check costs no host sync per hook: each dispatch adds one device-side sum to a list, and the list is read
+once per batch (:meth:`Capture.settle`).
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from normscope.core.attn_chunks import attention_implementation, chunked_attention, pattern_col_sum, unsupported
 from normscope.core.errors import NormscopeError
 
 
@@ -50,6 +59,7 @@ class Reducer(Protocol):
 
 
 Intervention = Callable[[torch.Tensor, BatchContext], torch.Tensor]
+ATTENTION_PATHS = ("auto", "chunked", "eager")
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -92,15 +102,22 @@ class Capture:
             cap.run(sample.iter_batches(), on_output=...)
     """
 
-    def __init__(self, model: nn.Module, layout: Any, sites: Iterable[Any]) -> None:
+    def __init__(self, model: nn.Module, layout: Any, sites: Iterable[Any], attention: str = "auto") -> None:
+        if attention not in ATTENTION_PATHS:
+            raise NormscopeError(f"Unknown attention path '{attention}'; use one of {', '.join(ATTENTION_PATHS)}.")
         self.model = model
+        self.attention = attention  # "auto", "chunked" or "eager": how hook_col_sum is computed
         self.layout = layout
         self.sites = {s.name: s for s in sites}
         self._reducers: dict[str, list[Reducer]] = defaultdict(list)
         self._interventions: dict[str, list[Intervention]] = defaultdict(list)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.ctx: BatchContext | None = None
-        self.nonfinite: dict[str, dict[str, Any]] = {}  # point -> first batch and count of inf/NaN values
+        self._nonfinite: dict[str, dict[str, Any]] = {}  # point -> first batch and count of batches with inf/NaN
+        self._pending: list[tuple[str, int, torch.Tensor]] = []  # (point, batch, device-side sum) not yet read
+        self._contexts = ExitStack()  # the attention implementation switched for the registered hooks
+        self.attention_path: str | None = None  # "chunked" or "eager" once hook_col_sum is registered
+        self.attention_reason = ""  # one sentence: why that path
 
     # ---- registration -------------------------------------------------------------------------------
     def points(self) -> list[str]:
@@ -110,7 +127,7 @@ class Capture:
             i = b.index
             names += [f"blocks.{i}.hook_resid_pre", f"blocks.{i}.hook_resid_post"]
             if b.attn is not None:
-                names += [f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.attn.hook_out"]
+                names += [f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.attn.hook_col_sum", f"blocks.{i}.attn.hook_out"]
             if b.mlp is not None:
                 names.append(f"blocks.{i}.mlp.hook_out")
         for s in self.sites:
@@ -130,7 +147,36 @@ class Capture:
     def intervene(self, point: str, fn: Intervention) -> None:
         """Replace the tensor at ``point`` by ``fn(x, ctx)`` (before reducers at that point see it)."""
         self._check(point)
+        if point.endswith(".hook_col_sum"):
+            raise NormscopeError(f"'{point}' is a statistic computed beside the attention, not a tensor the model "
+                                 "uses; intervene at the attention pattern or output instead.")
         self._interventions[point].append(fn)
+
+    @property
+    def nonfinite(self) -> dict[str, dict[str, Any]]:
+        """Point -> ``{"point", "first_batch", "batches"}`` for every hook point that saw inf or NaN so far."""
+        self.settle()
+        return self._nonfinite
+
+    def settle(self) -> None:
+        """Read the device-side sums of the hooked tensors (one host transfer per device) and note the points whose
+        sum is not finite. Called once per batch; a sum is inf/NaN when a value is (or, for finite values near
+        fp32's largest, when they add up past it)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        by_dev: dict[torch.device, list[int]] = defaultdict(list)
+        for j, (_, _, v) in enumerate(pending):
+            by_dev[v.device].append(j)
+        finite = [True] * len(pending)
+        for idx in by_dev.values():
+            flags = torch.stack([pending[j][2] for j in idx]).isfinite().tolist()  # the one host read
+            for j, ok in zip(idx, flags, strict=True):
+                finite[j] = ok
+        for (point, batch, _), ok in zip(pending, finite, strict=True):
+            if not ok:
+                seen = self._nonfinite.setdefault(point, {"point": point, "first_batch": batch, "batches": 0})
+                seen["batches"] += 1
 
     def nonfinite_report(self) -> list[dict[str, Any]]:
         """Hook points where inf or NaN appeared (fp16/bf16 overflow), named by site and layer, in the order the
@@ -149,11 +195,8 @@ class Capture:
             x = fn(x, self.ctx)
             changed = True
         reducers = self._reducers.get(point, ())
-        if reducers and x.is_floating_point() and not math.isfinite(float(x.detach().sum(dtype=torch.float32))):
-            bad = int((~torch.isfinite(x)).sum())  # one cheap sum first; the exact count only when it is off
-            if bad:
-                seen = self.nonfinite.setdefault(point, {"point": point, "first_batch": self.ctx.index, "values": 0})
-                seen["values"] += bad
+        if reducers and x.is_floating_point():  # stays on the device until settle(): no host sync per hook
+            self._pending.append((point, self.ctx.index, x.detach().sum(dtype=torch.float32)))
         for r in reducers:
             r.update(x.detach(), self.ctx)
         return x if changed else None
@@ -172,9 +215,47 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._contexts.close()  # the model's own attention implementation again
+        self._contexts = ExitStack()
+
+    def _plan_attention(self) -> None:
+        """Choose how ``hook_col_sum`` is computed (see the module docstring) and switch the model's attention."""
+        blocks = [b for b in self.layout.blocks if b.attn is not None]
+        cols = [b for b in blocks if self._wants(f"blocks.{b.index}.attn.hook_col_sum")]
+        self.attention_path, self.attention_reason = None, ""
+        if not cols:
+            return
+        why = unsupported(self.model)
+        if self.attention == "eager":
+            path, reason = "eager", "eager attention was asked for"
+        elif any(self._wants(f"blocks.{b.index}.attn.hook_pattern") for b in blocks):
+            path, reason = "eager", "another statistic of this pass reads whole T x T attention patterns"
+        elif why is not None:
+            if self.attention == "chunked":
+                raise NormscopeError(f"Chunked attention statistics need transformers' attention interface, but {why}; "
+                                     "use the eager path.")
+            path, reason = "eager", why
+        else:
+            path, reason = "chunked", "no statistic of this pass needs a whole T x T pattern"
+        self.attention_path, self.attention_reason = path, reason
+        if path == "chunked":
+            self._contexts.enter_context(chunked_attention(
+                self.model, {b.attn: self._col_sum_callback(f"blocks.{b.index}.attn.hook_col_sum") for b in cols}))
+        elif why is None:  # eager patterns, whatever implementation the model was loaded with
+            self._contexts.enter_context(attention_implementation(self.model, "eager"))
+
+    def _col_sum_callback(self, point: str) -> Callable[..., None]:
+        def cb(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
+               is_causal: bool, position_bias: torch.Tensor | None) -> None:
+            self._dispatch(point, pattern_col_sum(query.detach(), key.detach(), mask, scaling, is_causal,
+                                                  position_bias))  # [batch, head, key]
+
+        return cb
 
     def _register(self) -> None:
         self.remove()
+        self._plan_attention()
+        eager_cols = self.attention_path == "eager"
         for b in self.layout.blocks:
             i = b.index
             pre, post = f"blocks.{i}.hook_resid_pre", f"blocks.{i}.hook_resid_post"
@@ -183,8 +264,9 @@ class Capture:
             if self._wants(post):
                 self._handles.append(b.module.register_forward_hook(self._out_hook(post)))
             pat, aout = f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.attn.hook_out"
-            if b.attn is not None and self._wants(pat, aout):
-                self._handles.append(b.attn.register_forward_hook(self._attn_hook(pat, aout)))
+            col = f"blocks.{i}.attn.hook_col_sum" if eager_cols and self._wants(f"blocks.{i}.attn.hook_col_sum") else ""
+            if b.attn is not None and (self._wants(pat, aout) or col):
+                self._handles.append(b.attn.register_forward_hook(self._attn_hook(pat, aout, col)))
             mout = f"blocks.{i}.mlp.hook_out"
             if b.mlp is not None and self._wants(mout):
                 self._handles.append(b.mlp.register_forward_hook(self._out_hook(mout)))
@@ -228,19 +310,21 @@ class Capture:
 
         return hook
 
-    def _attn_hook(self, pat: str, aout: str) -> Callable[..., Any]:
+    def _attn_hook(self, pat: str, aout: str, col: str = "") -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
             result = out
-            if self._wants(pat):
+            if self._wants(pat) or col:
                 idx = _pattern_index(out)
                 if idx is None:
                     raise NormscopeError(
                         "The attention module returned no attention pattern; load the model with eager attention "
                         "(normscope does this by default)."
                     )
-                new = self._dispatch(pat, out[idx])  # [batch, head, query, key]
+                new = self._dispatch(pat, out[idx]) if self._wants(pat) else None  # [batch, head, query, key]
                 if new is not None:
                     result = tuple(new if j == idx else o for j, o in enumerate(out))
+                if col:
+                    self._dispatch(col, (new if new is not None else out[idx]).detach().float().sum(dim=2))
             if self._wants(aout):
                 new = self._dispatch(aout, _first_tensor(result))
                 if new is not None:
@@ -257,6 +341,7 @@ class Capture:
         try:
             yield self.ctx
         finally:
+            self.settle()
             self.ctx = None
 
     def run(
@@ -281,6 +366,7 @@ class Capture:
                 mask = b.attention_mask.to(dev)  # [batch, pos]
                 self.ctx = BatchContext(ids, mask, list(b.categories), i)
                 out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                self.settle()
                 if on_output is not None:
                     on_output(out, self.ctx)
                 if progress is not None:

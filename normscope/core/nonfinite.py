@@ -23,15 +23,15 @@ def watch_residual(cap: Any, layout: Any) -> None:
 
 
 def note_nonfinite(seen: dict[str, dict[str, Any]], point: str, x: torch.Tensor, batch: int) -> None:
-    """Count the inf/NaN values of ``x`` under ``point`` in ``seen``, for tensors that no Capture watches.
+    """Note under ``point`` in ``seen`` that ``x`` holds inf/NaN, for tensors that no Capture watches.
 
-    The entries have the shape of :meth:`Capture.nonfinite_report`'s: ``{"point", "first_batch", "values"}``.
+    The entries have the shape of :meth:`Capture.nonfinite_report`'s: ``{"point", "first_batch", "batches"}``
+    (``batches``: how many calls found inf/NaN there). One host read per call.
     """
     if not x.is_floating_point():
         return
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        seen.setdefault(point, {"point": point, "first_batch": batch, "values": 0})["values"] += bad
+    if not bool(torch.isfinite(x.detach().sum(dtype=torch.float32))):
+        seen.setdefault(point, {"point": point, "first_batch": batch, "batches": 0})["batches"] += 1
 
 
 def merge_nonfinite(reports: list[list[dict[str, Any]]], order: list[str] | None = None) -> list[dict[str, Any]]:

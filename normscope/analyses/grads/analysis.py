@@ -210,8 +210,8 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
 
 
 def _nonfinite_count(cap: Capture) -> int:
-    """inf/NaN values the capture has counted so far, over all its points."""
-    return sum(r["values"] for r in cap.nonfinite.values())
+    """(hook point, batch) pairs with inf/NaN the capture has noted so far (it reads its device-side sums here)."""
+    return sum(r["batches"] for r in cap.nonfinite.values())
 
 
 def _block_table(gdf: pd.DataFrame, n_blocks: int) -> pd.DataFrame:

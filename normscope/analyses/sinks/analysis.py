@@ -79,6 +79,18 @@ def position0_is_arbitrary(sample: Any, causal: bool) -> bool:
     return bool(causal and not sample.bos_prepended)
 
 
+def attention_sentence(path: str, reason: str, sample: Any, n_heads: int) -> str:
+    """The page's line saying how alpha_k was computed, and why that way."""
+    batch = max((b.input_ids.shape[0] for b in sample.batches), default=0)
+    size = batch * n_heads * sample.seq_len ** 2 * 4  # one layer's fp32 eager pattern, one batch
+    per_layer = f"{size / 2**20:,.1f} MiB" if size < 2**30 else f"{size / 2**30:,.1f} GiB"
+    if path == "chunked":
+        return (f"Attention path: chunked (SDPA forward; each key's attention summed over queries in chunks computed "
+                f"from the queries and keys, no T x T pattern kept, where eager attention would hold {per_layer} per "
+                f"layer and batch), because {reason}.")
+    return f"Attention path: eager (whole T x T patterns, {per_layer} per layer and batch), because {reason}."
+
+
 # ---- interventions for the causal checks --------------------------------------------------------------
 def _set_massive(dims: list[int], value: dict[int, float] | None, threshold: float,
                  ratio: float) -> Callable[[torch.Tensor, BatchContext], torch.Tensor]:
@@ -143,8 +155,8 @@ def run(ctx: RunContext, opts: SinksOptions) -> Result:
     causal = info.is_causal
     if opts.ablate and not causal:
         raise NormscopeError("--ablate measures next-token loss, so it needs a causal LM; drop --ablate for encoders.")
-    cap = Capture(model, layout, sites)
-    attn = {b.index: cap.add(f"blocks.{b.index}.attn.hook_pattern",
+    cap = Capture(model, layout, sites, attention=opts.attention)
+    attn = {b.index: cap.add(f"blocks.{b.index}.attn.hook_col_sum",
                              AttentionSinkReducer(b.index, opts.eps, causal, opts.min_queries))
             for b in layout.blocks if b.attn is not None}
     resid = {b.index: cap.add(f"blocks.{b.index}.hook_resid_post",
@@ -157,11 +169,15 @@ def run(ctx: RunContext, opts: SinksOptions) -> Result:
     with _task(progress, "sinks", total) as advance, cap:
         cap.run(sample.iter_batches(), on_output=loss, progress=advance)
         nonfinite = cap.nonfinite_report()  # of the measuring pass only, not of the ablations' edited passes
+        path: dict[str, Any] = {"path": cap.attention_path, "reason": cap.attention_reason}
         cap.remove()
         cap.clear()
         ablations = _ablate(cap, layout, resid, sample, opts, loss, advance) if opts.ablate else []
 
     result = _build_result(lm, sample, opts, layout, attn, resid, outl, loss, ablations)
+    result.payload["attention_path"] = path
+    if path["path"] is not None:
+        result.summary.append(attention_sentence(path["path"], path["reason"], sample, info.n_heads))
     flag_nonfinite(result, nonfinite)
     return result
 

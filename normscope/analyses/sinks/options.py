@@ -29,6 +29,9 @@ class SinksOptions:
     """A later key position k counts as a sink only if at least this many queries can see it."""
     top_k: int = opt(3, lo=1)
     """Outlier dims per token used for the divisor share."""
+    attention: str = opt("auto", choices=("auto", "chunked", "eager"))
+    """How alpha_k is computed: chunked (SDPA forward, each key's attention summed in query chunks from the queries
+    and keys, memory bounded in T), eager (whole T x T patterns), or auto (chunked where the model allows)."""
     ablate: bool = False
     """Also run the causal checks: zero / mean the massive dims and cut attention to position 0 (three more
     forward passes over the same text)."""

@@ -1,7 +1,7 @@
 """The hook reducers of ``normscope sinks``: each folds one hook point's tensor per batch into running sums
 and counts (nothing per token is kept across batches), and turns them into a table row at the end.
 
-* :class:`AttentionSinkReducer` (``blocks.{l}.attn.hook_pattern``): alpha_k sums and sink counts per head (Gu
+* :class:`AttentionSinkReducer` (``blocks.{l}.attn.hook_col_sum``): alpha_k sums and sink counts per head (Gu
   et al. 2024, "When Attention Sink Emerges in Language Models: An Empirical View", arXiv:2410.10781);
 * :class:`ResidualReducer` (``blocks.{l}.hook_resid_post``): top-1/2/3 and median |h|, mean |h| per dim and the
   massive activations (Sun et al. 2024, "Massive Activations in Large Language Models", arXiv:2402.17762);
@@ -17,45 +17,67 @@ from typing import Any
 import torch
 
 from normscope.analyses.sinks.metrics import row_median, site_outliers, top3_entries
-from normscope.core.attention import SinkTokens, sink_scores
+from normscope.core.attention import SinkTokens, sink_scores_from_col_sum
 from normscope.core.capture import BatchContext
 
 __all__ = ["AttentionSinkReducer", "OutlierReducer", "ResidualReducer"]
 
 
 class AttentionSinkReducer:
-    """Per layer: sum of alpha_k per head and key, sink counts per category, and the tokens that act as sinks."""
+    """Per layer: sum of alpha_k per head and key, sink counts per category, and the tokens that act as sinks.
 
-    def __init__(self, layer: int, eps: float, causal: bool, min_queries: int) -> None:
+    Reads ``blocks.{l}.attn.hook_col_sum`` (the pattern's column sums, from either attention path). The sums and
+    counts stay on the hook's device; only the sink-token hits are read on the host, once per batch.
+    """
+
+    def __init__(self, layer: int, eps: float, causal: bool, min_queries: int,
+                 tokens: SinkTokens | None = None) -> None:
         self.layer, self.eps, self.causal, self.min_queries = layer, eps, causal, min_queries
-        self.alpha_sum: torch.Tensor | None = None  # [head, key] float64
+        self._alpha_sum: torch.Tensor | None = None  # [head, key] float64, on the hook's device
+        self._above: torch.Tensor | None = None  # [head] sequences with alpha_1 > eps
+        self._cat_above: dict[str, torch.Tensor] = {}  # category -> (sequence, head) pairs with alpha_1 > eps
         self.n_seq = 0
-        self.above: torch.Tensor | None = None  # [head] count of sequences with alpha_1 > eps
         self.cat_n: Counter[str] = Counter()
-        self.cat_above: Counter[str] = Counter()
-        self.tokens = SinkTokens(causal, eps, min_queries)  # (pos class, token id) -> count
+        self.tokens = tokens if tokens is not None else SinkTokens(causal, eps, min_queries)
 
-    def update(self, pattern: torch.Tensor, ctx: BatchContext) -> None:
-        """pattern: ``[batch, head, query, key]`` attention probabilities of one batch."""
-        alpha = sink_scores(pattern, self.causal)  # [batch, head, key]
+    def update(self, col: torch.Tensor, ctx: BatchContext) -> None:
+        """col: ``[batch, head, key]`` attention summed over the queries of one batch."""
+        alpha = sink_scores_from_col_sum(col, ctx.input_ids.shape[1], self.causal)  # [batch, head, key]
         b, h, t = alpha.shape
-        if self.alpha_sum is None:
-            self.alpha_sum = torch.zeros(h, t, dtype=torch.float64)
-            self.above = torch.zeros(h, dtype=torch.float64)
-        self.alpha_sum += alpha.double().sum(0).cpu()
+        if self._alpha_sum is None:
+            self._alpha_sum = torch.zeros(h, t, dtype=torch.float64, device=alpha.device)
+            self._above = torch.zeros(h, dtype=torch.float64, device=alpha.device)
+        assert self._above is not None
+        self._alpha_sum += alpha.double().sum(0)
         first = alpha[:, :, 0] > self.eps  # [batch, head]
-        assert self.above is not None
-        self.above += first.double().sum(0).cpu()
+        self._above += first.double().sum(0)
         self.n_seq += b
-        for cat, row in zip(ctx.categories, first.cpu(), strict=True):
-            self.cat_n[cat] += h
-            self.cat_above[cat] += int(row.sum())
+        for cat in dict.fromkeys(ctx.categories):
+            rows = torch.tensor([i for i, c in enumerate(ctx.categories) if c == cat], device=first.device)
+            hits = first.index_select(0, rows).sum()  # stays on the device
+            self._cat_above[cat] = self._cat_above[cat] + hits if cat in self._cat_above else hits
+            self.cat_n[cat] += h * int(rows.numel())
         self.tokens.add(alpha, ctx.input_ids)
+
+    @property
+    def alpha_sum(self) -> torch.Tensor | None:
+        """``[head, key]`` sum of alpha_k over sequences (float64, on the host)."""
+        return None if self._alpha_sum is None else self._alpha_sum.cpu()
+
+    @property
+    def above(self) -> torch.Tensor | None:
+        """``[head]`` number of sequences whose alpha_1 exceeds eps (on the host)."""
+        return None if self._above is None else self._above.cpu()
+
+    @property
+    def cat_above(self) -> Counter[str]:
+        """Category -> (sequence, head) pairs whose alpha_1 exceeds eps."""
+        return Counter({c: int(v) for c, v in self._cat_above.items()})
 
     def alpha_mean(self) -> torch.Tensor:
         """``[head, key]`` mean alpha_k over sequences."""
-        assert self.alpha_sum is not None
-        return self.alpha_sum / max(self.n_seq, 1)
+        assert self._alpha_sum is not None
+        return self._alpha_sum.cpu() / max(self.n_seq, 1)
 
 
 class ResidualReducer:
@@ -92,9 +114,12 @@ class ResidualReducer:
         if not bool((top_vals[:, 0] > bar).any()):  # no sequence's top-1 passes: nothing is massive
             return
         mask = a > bar[:, None, None]  # massive_mask, median reused
-        ids = ctx.input_ids
-        for bi, pos, dim in mask.nonzero().tolist():
-            v = float(h[bi, pos, dim])
+        where = mask.nonzero()  # [n, 3] (sequence, position, dim)
+        vals = h[where[:, 0], where[:, 1], where[:, 2]].double()  # [n] signed values
+        tids = ctx.input_ids[where[:, 0], where[:, 1]].to(vals.device).double()  # [n] token ids (exact below 2^53)
+        entries = torch.cat([where.to(vals.device).double(), vals[:, None], tids[:, None]], dim=1)  # [n, 5]
+        for _bi, pos_f, dim_f, v, tid_f in entries.tolist():  # one host read for all the entries of the batch
+            pos, dim, tid = int(pos_f), int(dim_f), int(tid_f)
             self.massive_value_sum[dim] += v
             self.massive_count[dim] += 1
             key = (dim, pos)
@@ -102,11 +127,11 @@ class ResidualReducer:
             if e is None:
                 if len(self.massive) >= self.max_entries:
                     continue
-                self.massive[key] = [1, abs(v), v, int(ids[bi, pos])]
+                self.massive[key] = [1, abs(v), v, tid]
             else:
                 e[0] += 1
                 if abs(v) > e[1]:
-                    e[1:] = [abs(v), v, int(ids[bi, pos])]
+                    e[1:] = [abs(v), v, tid]
 
     @property
     def top(self) -> list[float]:
