@@ -54,6 +54,7 @@ from normscope.analyses.dla.report import figures, summary
 from normscope.core.capture import BatchContext, Capture
 from normscope.core.errors import NormscopeError
 from normscope.core.nonfinite import flag_nonfinite
+from normscope.core.placement import is_placed
 from normscope.core.progress import progress_task as _task
 from normscope.report import Result
 from normscope.report.result import build_meta
@@ -95,7 +96,13 @@ def run(ctx: RunContext, opts: DlaOptions) -> Result:
     stats = AttributionStats(n_layers * (n_heads + 1), opts.scatter_points, n_pred, sample.seed)
     totals = Totals(len(top))
     bridge = None
-    if opts.backend in ("auto", "bridge"):
+    if opts.backend in ("auto", "bridge") and is_placed(lm.model):  # the bridge wraps a deep copy of the model
+        if opts.backend == "bridge":
+            raise NormscopeError("TransformerLens' bridge wraps its own copy of the model, which a model spread with "
+                                 "--device-map cannot give; rerun with --backend direct.")
+        notes.append("The model is spread with --device-map, so the numbers come from normscope's own hooks (the "
+                     "TransformerLens bridge needs its own copy of the model).")
+    elif opts.backend in ("auto", "bridge"):
         t0 = time.perf_counter()
         try:
             bridge = boot_bridge(lm)
@@ -169,10 +176,11 @@ def ablate_neurons(lm: Any, plan: Plan, sample: Any, neurons: list[int], means: 
     with cap, input_hooks([plan.mlp_out], store):
         def on_out(out: Any, ctx: BatchContext) -> None:
             sel, tgt = next_token_targets(ctx.input_ids, ctx.attention_mask)
-            r = resid.x[sel]  # [N, d]
-            acts = store[0][sel][:, neurons].float()  # [N, n_top]
+            r = resid.x[sel.to(resid.x.device)]  # [N, d]
+            acts = store[0].to(r.device)[sel.to(r.device)][:, neurons].float()  # [N, n_top]
             with torch.no_grad():
-                base = unembed(norm(r)).float()  # [N, vocab]
+                base = unembed(norm(r)).float()  # [N, vocab] (on the unembedding's device under --device-map)
+                tgt = tgt.to(base.device)
                 ce0 = F.cross_entropy(base, tgt, reduction="none")
                 h0 = entropy(base)
                 for j, n in enumerate(neurons):
