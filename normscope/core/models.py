@@ -75,7 +75,10 @@ class ModelInfo:
     placement: dict[str, int] | None = None  # modules per device under --device-map (None: all on ``device``)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d.get("placement") is None:  # one device: no placement entry (pages show no empty row)
+            d.pop("placement", None)
+        return d
 
 
 @dataclass

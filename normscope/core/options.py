@@ -134,7 +134,8 @@ class ModelOptions:
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
     dtype: str = opt("auto", choices=DTYPES)
-    """auto (float32 on CPU, bfloat16 on GPUs that have it), float32, bfloat16 or float16."""
+    """auto (float32 on CPU, bfloat16 on GPUs that have it), float32, bfloat16 or float16. Statistics are summed
+    in float32/float64 whatever the model's dtype."""
     device: str = opt("auto", choices=DEVICES)
     """auto, cpu, cuda or mps."""
     device_map: str = opt("none", choices=DEVICE_MAPS)
@@ -144,7 +145,7 @@ class ModelOptions:
     """Memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB; what does not fit goes to
     --offload-folder."""
     offload_folder: Path | None = None
-    """Folder for the weights --device-map puts on disk (needed when --max-memory leaves part of the model out)."""
+    """Folder for the weights --device-map sends to disk (a safetensors checkpoint is read in place instead)."""
     trust_remote_code: bool = False
     """Run Python code shipped in the model repository. Off by default: that code runs with your rights."""
     allow_pickle: bool = False
