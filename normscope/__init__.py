@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "normscope.core.models",
+    "place": "normscope.core.placement",
     "LoadedModel": "normscope.core.models",
     "find_norm_sites": "normscope.core.sites",
     "find_layout": "normscope.core.sites",

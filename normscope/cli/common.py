@@ -60,6 +60,9 @@ def quiet_libraries() -> None:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+        import logging
+
+        logging.getLogger("accelerate").setLevel(logging.ERROR)  # "parameters on the meta device": --device-map's doing
     except Exception:  # pragma: no cover - transformers missing is caught at load time
         pass
 
@@ -178,7 +181,8 @@ def prepare(model_opts: Any, text_opts: Any, progress: Progressor, *, for_traini
     with progress.status(f"loading {m.model}"):
         lm = load_model(m.model, revision=m.revision, dtype=m.dtype, device=m.device,
                         trust_remote_code=m.trust_remote_code, for_training=for_training,
-                        allow_pickle=m.allow_pickle)
+                        allow_pickle=m.allow_pickle, device_map=m.device_map, max_memory=m.max_memory,
+                        offload_folder=m.offload_folder)
     check_memory(lm, text_opts.batch_size, text_opts.seq_len, training=for_training)
     with progress.status("tokenizing text"):
         sample = load_text(lm.tokenizer, text_opts, max_positions=lm.info.max_positions, is_causal=lm.info.is_causal)

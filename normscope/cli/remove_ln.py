@@ -193,6 +193,9 @@ def _remove_ln(
     seed, bos, device, quiet, as_json = t.seed, t.bos, m.device, o.quiet, o.json
     validate(m)
     validate(t)
+    if m.device_map != "none":
+        raise NormscopeError(f"remove-ln trains every weight, which --device-map {m.device_map} would offload or "
+                             "split; drop --device-map (several GPUs: torchrun or accelerate launch, see the README).")
     if m.dtype not in ("auto", "float32"):
         raise NormscopeError(f"remove-ln trains in float32 for now (fp32 weights and AdamW state); drop --dtype "
                              f"{m.dtype}.")

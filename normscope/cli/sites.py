@@ -24,7 +24,8 @@ def _sites(model_opts: Any, as_json: bool) -> None:
     m = model_opts
     with Progressor(as_json).status(f"loading {m.model}"):
         lm = load_model(m.model, revision=m.revision, dtype=m.dtype, device=m.device,
-                        trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+                        trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle,
+                        device_map=m.device_map, max_memory=m.max_memory, offload_folder=m.offload_folder)
     found = find_norm_sites(lm.model, find_layout(lm.model))
     batch = batch_statistics_norms(lm.model)
     if as_json:

@@ -41,6 +41,7 @@ from torch import nn
 
 from normscope.core.attn_chunks import attention_implementation, chunked_attention, pattern_col_sum, unsupported
 from normscope.core.errors import NormscopeError
+from normscope.core.placement import execution_device, input_device
 
 
 @dataclass
@@ -52,6 +53,19 @@ class BatchContext:
     categories: list[str]
     index: int  # batch number within the run
     extra: dict[str, Any] = field(default_factory=dict)
+    _copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def on(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` ``[batch, pos]`` on ``x``'s device, copied there once per batch.
+
+        With ``--device-map`` the blocks' activations sit on different devices while the ids and mask stay on the
+        embedding's: a reducer that combines them with an activation takes them from here."""
+        dev = x.device
+        if dev == self.attention_mask.device:
+            return self.input_ids, self.attention_mask
+        if dev not in self._copies:
+            self._copies[dev] = (self.input_ids.to(dev), self.attention_mask.to(dev))
+        return self._copies[dev]
 
 
 class Reducer(Protocol):
@@ -281,19 +295,19 @@ class Capture:
 
     def _pre_hook(self, point: str) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if args:
-                new = self._dispatch(point, args[0])  # [batch, pos, d_model]
-                return None if new is None else ((new, *args[1:]), kwargs)
-            new = self._dispatch(point, kwargs["hidden_states"])
-            if new is None:
+            x = args[0] if args else kwargs["hidden_states"]  # [batch, pos, d_model]
+            moved = _to_execution_device(module, x)  # where accelerate would move it after this hook
+            new = self._dispatch(point, moved)
+            if new is None and moved is x:
                 return None
-            return args, {**kwargs, "hidden_states": new}
+            new = moved if new is None else new
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
         return hook
 
     def _site_pre_hook(self, site: Any, hin: str, hscale: str) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            x = args[0] if args else kwargs["hidden_states"]  # [batch, pos, d]
+            x = _to_execution_device(module, args[0] if args else kwargs["hidden_states"])  # [batch, pos, d]
             new = self._dispatch(hin, x)
             if hscale in self._reducers:
                 self._dispatch(hscale, site.divisor((new if new is not None else x).detach()))  # [batch, pos, 1]
@@ -359,7 +373,7 @@ class Capture:
         """
         if not self._handles:
             self._register()
-        dev = device or next(self.model.parameters()).device
+        dev = device or input_device(self.model)  # the embedding's device (with --device-map, not the first weight's)
         with torch.no_grad():
             for i, b in enumerate(batches):
                 ids = b.input_ids.to(dev)  # [batch, pos]
@@ -372,6 +386,13 @@ class Capture:
                 if progress is not None:
                     progress(int(ids.numel()))
                 self.ctx = None
+
+
+def _to_execution_device(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the device accelerate runs ``module`` on (unchanged without a device map): a forward pre-hook runs
+    before accelerate moves the inputs, and what reducers see there must sit with the block's other tensors."""
+    dev = execution_device(module)
+    return x if dev is None or x.device == dev else x.to(dev)
 
 
 # ---- a few generic reducers ---------------------------------------------------------------------------
@@ -389,7 +410,7 @@ class TokenMoments:
 
     def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
         v = self.fn(x.float())  # [batch, pos]
-        mask = ctx.attention_mask.bool()
+        mask = ctx.on(v)[1].bool()
         for key, sel in (("pos0", v[:, :1][mask[:, :1]]), ("rest", v[:, 1:][mask[:, 1:]])):
             self.n[key] += int(sel.numel())
             self.s[key] += float(sel.double().sum())

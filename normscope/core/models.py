@@ -73,9 +73,13 @@ class ModelInfo:
     device: str
     revision: str | None = None
     n_params: int = 0
+    placement: dict[str, int] | None = None  # modules per device under --device-map (None: all on ``device``)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d.get("placement") is None:  # one device: no placement entry (pages show no empty row)
+            d.pop("placement", None)
+        return d
 
 
 @dataclass
@@ -268,16 +272,26 @@ def load_model(
     attn_implementation: str | None = "eager",
     for_training: bool = False,
     allow_pickle: bool = False,
+    device_map: str | None = None,
+    max_memory: str | dict[int | str, int] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load a model and tokenizer from a bundled alias, a local folder, a ``.gguf`` file or a hub id.
 
     Causal LMs load with their LM head (``AutoModelForCausalLM``); encoders load as ``AutoModel``, or
     ``AutoModelForMaskedLM`` where the checkpoint has an MLM head. Attention runs ``eager`` by default so that
     attention patterns can be hooked. Raises :class:`NormscopeError` with one line for every bad input.
+
+    ``device_map`` (``auto``, ``balanced``, ``sequential``; None or ``none``: everything on ``device``) spreads the
+    model with accelerate's big-model loading, ``max_memory`` (``"0=20GiB,cpu=60GiB"`` or accelerate's dict) caps
+    each device and ``offload_folder`` takes the weights that fit nowhere (see :mod:`normscope.core.placement`).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
+    from normscope.core.options import parse_max_memory
+
+    placed = device_map not in (None, "none")
+    dev = resolve_device("auto" if placed else device)
     torch_dtype = resolve_dtype(dtype, dev)
     source, where, gguf_name = _resolve_source(spec)
     t0 = time.perf_counter()
@@ -305,6 +319,12 @@ def load_model(
         model_kwargs["use_safetensors"] = True
     if attn_implementation:
         model_kwargs["attn_implementation"] = attn_implementation
+    if placed:
+        model_kwargs["device_map"] = device_map
+        if max_memory is not None:
+            model_kwargs["max_memory"] = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+        if offload_folder is not None:
+            model_kwargs["offload_folder"] = str(offload_folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model: Any
@@ -320,8 +340,15 @@ def load_model(
     except NormscopeError:
         raise
     except Exception as exc:
+        if placed:
+            raise _device_map_error(spec, str(device_map), exc) from exc
         raise _load_error(spec, source, exc) from exc
-    model.to(dev)
+    if placed:
+        from normscope.core.placement import input_device
+
+        dev = str(input_device(model))
+    else:
+        model.to(dev)
     exact_bos = None
     if source == "folder" and not for_training:  # an exact-BOS LN-free export: its BOS keeps its own divisor
         from normscope.core.lnfree import install_exact_bos
@@ -348,11 +375,28 @@ def load_model(
         device=dev,
         revision=revision,
         n_params=sum(p.numel() for p in model.parameters()),
+        placement=_placement(model) if placed else None,
     )
     extra: dict[str, Any] = {"load_seconds": time.perf_counter() - t0}
     if exact_bos is not None:
         extra["exact_bos"] = exact_bos
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, extra=extra)
+
+
+def _placement(model: nn.Module) -> dict[str, int] | None:
+    from normscope.core.placement import placement_summary
+
+    return placement_summary(model)
+
+
+def _device_map_error(spec: str, device_map: str, exc: BaseException) -> NormscopeError:
+    """transformers or accelerate refusing a placement, as one line that says what to do."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if "offload_folder" in str(exc) or "offload folder" in str(exc).lower():
+        return NormscopeError("--max-memory leaves part of the model for the disk; give --offload-folder DIR (or "
+                              "raise --max-memory).")
+    return NormscopeError(f"transformers cannot place '{spec}' with --device-map {device_map} "
+                          f"({type(exc).__name__}: {text}); drop --device-map or try another --max-memory.")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -28,6 +28,7 @@ from normscope.core.errors import NormscopeError
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_MAPS = ("none", "auto", "balanced", "sequential")
 BOS_POLICIES = ("auto", "yes", "no")
 MEANINGFUL_SEQ_LEN = 16  # below this, per-position metrics (sink rate, angles) say little; Gu et al. use 64
 
@@ -133,13 +134,66 @@ class ModelOptions:
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
     dtype: str = opt("auto", choices=DTYPES)
-    """auto (float32 on CPU, bfloat16 on GPUs that have it), float32, bfloat16 or float16."""
+    """auto (float32 on CPU, bfloat16 on GPUs that have it), float32, bfloat16 or float16. Statistics are summed
+    in float32/float64 whatever the model's dtype."""
     device: str = opt("auto", choices=DEVICES)
     """auto, cpu, cuda or mps."""
+    device_map: str = opt("none", choices=DEVICE_MAPS)
+    """Spread the model over GPUs, CPU and disk with accelerate: auto, balanced or sequential (none: all of it on
+    --device)."""
+    max_memory: str | None = None
+    """Memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB; what does not fit goes to
+    --offload-folder."""
+    offload_folder: Path | None = None
+    """Folder for the weights --device-map sends to disk (a safetensors checkpoint is read in place instead)."""
     trust_remote_code: bool = False
     """Run Python code shipped in the model repository. Off by default: that code runs with your rights."""
     allow_pickle: bool = False
     """Load pickle-only checkpoints (.bin). Off by default: a pickle can run code."""
+
+    def check(self) -> None:
+        """The device-map options make sense together (checked before anything loads)."""
+        if self.device_map == "none":
+            for flag, value in (("--max-memory", self.max_memory), ("--offload-folder", self.offload_folder)):
+                if value is not None:
+                    raise NormscopeError(f"{flag} places the model with accelerate, so it needs --device-map auto "
+                                         "(or balanced, sequential).")
+            return
+        if self.device != "auto":
+            raise NormscopeError(f"--device-map {self.device_map} chooses the devices itself; drop --device "
+                                 f"{self.device} (limit the devices with --max-memory).")
+        if self.max_memory is not None:
+            parse_max_memory(self.max_memory)
+        if self.offload_folder is not None and Path(self.offload_folder).exists() \
+                and not Path(self.offload_folder).is_dir():
+            raise NormscopeError(f"--offload-folder {self.offload_folder} is a file; give a folder (it is created if "
+                                 "missing).")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """``"0=20GiB,cpu=60GiB"`` -> ``{0: 21474836480, "cpu": 60 * 2**30}``: accelerate's ``max_memory``, in bytes.
+
+    Keys are GPU indices (``0``, ``cuda:1``), ``cpu``, ``mps`` or ``disk``; sizes are a number with an optional
+    unit (B, KB, MB, GB, TB in powers of ten; KiB, MiB, GiB, TiB in powers of two). One line on a bad entry."""
+    out: dict[int | str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(?:cuda:)?(\d+|cpu|mps|disk)\s*[=:]\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?", part, re.I)
+        if m is None:
+            raise NormscopeError(f"--max-memory entry '{part}' is not DEVICE=SIZE; write e.g. 0=20GiB,cpu=60GiB "
+                                 "(devices: GPU numbers, cpu, mps, disk).")
+        key, num, unit = m.group(1).lower(), float(m.group(2)), (m.group(3) or "").lower()
+        dev: int | str = int(key) if key.isdigit() else key
+        if dev in out:
+            raise NormscopeError(f"--max-memory names {key} twice; give each device once.")
+        out[dev] = int(num * _UNITS[unit])
+        if out[dev] <= 0:
+            raise NormscopeError(f"--max-memory gives {key} no memory ({part}); give it a size above 0 or leave it "
+                                 "out.")
+    return out
 
 
 @dataclass
@@ -182,4 +236,4 @@ class OutputOptions:
 
 
 __all__ = ["DEFAULT_MODEL", "ModelOptions", "OutputOptions", "TextOptions", "build", "field_docs", "flag_name",
-           "opt", "validate"]
+           "opt", "parse_max_memory", "validate"]

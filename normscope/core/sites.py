@@ -19,6 +19,7 @@ from rich.table import Table
 from torch import nn
 
 from normscope.core.errors import NormscopeError
+from normscope.core.placement import input_device
 
 Role = Literal["pre_attn", "pre_mlp", "post_attn", "post_mlp", "qk_norm", "final", "embedding", "other"]
 Kind = Literal["layernorm", "rmsnorm"]
@@ -127,6 +128,19 @@ def is_norm_module(module: nn.Module) -> bool:
     return _eps_of(module) is not None and (w is None or (isinstance(w, torch.Tensor) and w.dim() == 1))
 
 
+def _detached_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with real weights and no accelerate hooks: under ``--device-map`` an offloaded norm's
+    weights are on the meta device (its hook loads them for each call, and would undo the probe's edits)."""
+    if getattr(module, "_hf_hook", None) is None:
+        return copy.deepcopy(module)
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, torch.device("cpu")):
+        probe = copy.deepcopy(module)
+    return remove_hook_from_module(probe, recurse=True)
+
+
 def probe_norm(module: nn.Module, d: int, eps: float) -> tuple[bool, float] | None:
     """Numerically find (centered, gain_offset) of a norm module, or None if it is neither LN nor RMSNorm.
 
@@ -134,7 +148,7 @@ def probe_norm(module: nn.Module, d: int, eps: float) -> tuple[bool, float] | No
     The gain offset comes from zeroing the weight: an output equal to the normalized input means the gain
     is ``1 + w`` (Gemma's RMSNorm), an output of zero means it is ``w``.
     """
-    probe = copy.deepcopy(module).float()
+    probe = _detached_copy(module).float()
     device = next(itertools.chain(probe.parameters(), probe.buffers()), torch.empty(0)).device
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 5, d, generator=gen) * 2.0 + 3.0).to(device)  # [2, 5, d]
@@ -311,7 +325,7 @@ def _trace(model: nn.Module, paths: dict[nn.Module, str], seq: int = 4) -> dict[
         events[paths[mod]] = _Event(next(counter), _fingerprint(x), _fingerprint(first), d_in, pattern)
 
     embed: Any = _hf(model).get_input_embeddings()
-    device = embed.weight.device if isinstance(getattr(embed, "weight", None), torch.Tensor) else "cpu"
+    device = input_device(model)  # the embedding's execution device (its weight may be offloaded to meta)
     vocab = getattr(embed, "num_embeddings", None) or _config_int(model, ("vocab_size",)) or 8
     ids = (torch.tensor([[5, 17, 23, 42, 61, 7, 11, 13][:seq]]) % vocab).to(device)  # [1, seq]
     modes = {m: m.training for m in model.modules()}

@@ -30,6 +30,7 @@ target token's logit.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -45,6 +46,7 @@ from normscope.analyses.dla.metrics import (
     entropy,
     entropy_neuron_scores,
     entropy_neuron_verdict,
+    final_logits,
     next_token_targets,
 )
 from normscope.analyses.dla.options import REFERENCES, DlaOptions
@@ -54,6 +56,7 @@ from normscope.analyses.dla.report import figures, summary
 from normscope.core.capture import BatchContext, Capture
 from normscope.core.errors import NormscopeError
 from normscope.core.nonfinite import flag_nonfinite
+from normscope.core.placement import is_placed, resident
 from normscope.core.progress import progress_task as _task
 from normscope.report import Result
 from normscope.report.result import build_meta
@@ -95,7 +98,13 @@ def run(ctx: RunContext, opts: DlaOptions) -> Result:
     stats = AttributionStats(n_layers * (n_heads + 1), opts.scatter_points, n_pred, sample.seed)
     totals = Totals(len(top))
     bridge = None
-    if opts.backend in ("auto", "bridge"):
+    if opts.backend in ("auto", "bridge") and is_placed(lm.model):  # the bridge wraps a deep copy of the model
+        if opts.backend == "bridge":
+            raise NormscopeError("TransformerLens' bridge wraps its own copy of the model, which a model spread with "
+                                 "--device-map cannot give; rerun with --backend direct.")
+        notes.append("The model is spread with --device-map, so the numbers come from normscope's own hooks (the "
+                     "TransformerLens bridge needs its own copy of the model).")
+    elif opts.backend in ("auto", "bridge"):
         t0 = time.perf_counter()
         try:
             bridge = boot_bridge(lm)
@@ -156,6 +165,8 @@ def ablate_neurons(lm: Any, plan: Plan, sample: Any, neurons: list[int], means: 
 
     Replacing neuron n's activation a by its mean m changes only the final residual, by (m - a) W_out[:, n], so
     the ablated logits are unembed(final_norm(r + (m - a) W_out[:, n])): exact, and one forward pass in total.
+    Both logits come from :func:`.metrics.final_logits` in float32: in a bfloat16 model the change would
+    otherwise be smaller than the rounding of the logits themselves.
     """
     assert plan.mlp_out is not None
     w_out = projection_matrix(plan.mlp_out).float()  # [n_neurons, d]
@@ -165,19 +176,22 @@ def ablate_neurons(lm: Any, plan: Plan, sample: Any, neurons: list[int], means: 
     d_ce: list[list[torch.Tensor]] = [[] for _ in neurons]
     d_h: list[list[torch.Tensor]] = [[] for _ in neurons]
     d_ce_signed = torch.zeros(len(neurons), dtype=torch.float64)
-    norm, unembed = plan.final.module, plan.layout.unembed
+    final = plan.final
+    logits_of = functools.partial(final_logits, gain=plan.gain, w_u=plan.w_u, centered=final.centered, eps=final.eps,
+                                  bias=resident(final.module, "bias"), u_bias=resident(plan.layout.unembed, "bias"))
     with cap, input_hooks([plan.mlp_out], store):
         def on_out(out: Any, ctx: BatchContext) -> None:
             sel, tgt = next_token_targets(ctx.input_ids, ctx.attention_mask)
-            r = resid.x[sel]  # [N, d]
-            acts = store[0][sel][:, neurons].float()  # [N, n_top]
+            r = resid.x[sel.to(resid.x.device)].float()  # [N, d]; float32, whatever the model's dtype
+            acts = store[0].to(r.device)[sel.to(r.device)][:, neurons].float()  # [N, n_top]
+            tgt = tgt.to(r.device)
             with torch.no_grad():
-                base = unembed(norm(r)).float()  # [N, vocab]
+                base = logits_of(r)  # [N, vocab] float32
                 ce0 = F.cross_entropy(base, tgt, reduction="none")
                 h0 = entropy(base)
                 for j, n in enumerate(neurons):
                     delta = (means[j].to(r.device) - acts[:, j])[:, None] * w_out[n].to(r.device)[None]
-                    logits = unembed(norm(r + delta.to(r.dtype))).float()
+                    logits = logits_of(r + delta)
                     dce = F.cross_entropy(logits, tgt, reduction="none") - ce0
                     d_ce[j].append(dce.abs().cpu())
                     d_ce_signed[j] += float(dce.double().sum())

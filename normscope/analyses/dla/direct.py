@@ -59,12 +59,15 @@ class DirectHooks:
     def attributions(self, sel: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """DLA and DE ``[C, N]`` of the last batch, components layer by layer (heads, then the MLP)."""
         plan = self.plan
-        r = self.resid.x[sel]  # [N, d]
-        u = plan.gain.to(r.device)[None] * plan.w_u[tgt].to(r.device).float()  # [N, d]
+        assert self.resid.x is not None
+        r = self.resid.x[sel.to(self.resid.x.device)]  # [N, d]
+        sel, tgt = sel.to(r.device), tgt.to(r.device)  # blocks may sit on other devices (--device-map)
+        u = plan.gain.to(r.device)[None] * plan.w_u[tgt.to(plan.w_u.device)].to(r.device).float()  # [N, d]
         dlas, des = [], []
         for i in range(plan.layout.n_layers):
-            heads = head_outputs(self.store[i][sel].float(), plan.w_o[i].float().to(r.device), plan.n_heads)
-            comps = torch.cat([heads, self.mlp_out(i)[sel].float()[None]], dim=0)  # [H + 1, N, d]
+            z = self.store[i].to(r.device)  # [batch, pos, n_heads * d_head]
+            heads = head_outputs(z[sel].float(), plan.w_o[i].float().to(r.device), plan.n_heads)
+            comps = torch.cat([heads, self.mlp_out(i).to(r.device)[sel].float()[None]], dim=0)  # [H + 1, N, d]
             a, e = dla_and_de(comps, r, u, centered=plan.final.centered, eps=plan.final.eps)
             dlas.append(a)
             des.append(e)

@@ -108,6 +108,26 @@ def entropy_neuron_scores(w_out: torch.Tensor, w_u: torch.Tensor, gain: torch.Te
     return norm, var
 
 
+def final_logits(x: torch.Tensor, *, gain: torch.Tensor, w_u: torch.Tensor, centered: bool, eps: float,
+                 bias: torch.Tensor | None = None, u_bias: torch.Tensor | None = None,
+                 chunk: int = 32768) -> torch.Tensor:
+    """The logits of final residuals ``x`` ``[N, d]``, through the final norm and the unembedding, in float32
+    whatever the model's dtype: ``(norm(x) * gain + bias) @ W_U.T + u_bias`` with norm the RMS (or, ``centered``,
+    the LayerNorm) normalization with ``eps``. W_U ``[vocab, d]`` is upcast ``chunk`` rows at a time, so no
+    float32 copy of it stays in memory. Returns ``[N, vocab]`` float32.
+
+    The mean-ablation of an entropy neuron changes a logit by far less than bfloat16's spacing at that logit's
+    size (2^-8 of it): the model's own bf16 norm and matmul would bury the change in rounding noise."""
+    x = x.float()
+    if centered:
+        x = x - x.mean(dim=-1, keepdim=True)
+    y = x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * gain.float().to(x.device)  # [N, d]
+    if bias is not None:
+        y = y + bias.float().to(x.device)
+    out = torch.cat([y @ w_u[s:s + chunk].to(x.device).float().T for s in range(0, w_u.shape[0], chunk)], dim=-1)
+    return out + u_bias.float().to(x.device) if u_bias is not None else out  # [N, vocab]
+
+
 def next_token_targets(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions that predict a next token and their targets: ``sel`` ``[batch, pos]`` bool (the last position and
     padding excluded) and ``tgt`` ``[N]``, the next token of each selected position."""

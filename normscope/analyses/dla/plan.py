@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from normscope.core.errors import NormscopeError
+from normscope.core.placement import resident
 from normscope.core.sites import find_layout, find_norm_sites
 
 __all__ = ["Plan", "find_out_projection", "input_hooks", "plan_model", "projection_matrix"]
@@ -34,9 +35,8 @@ def _linear_io(module: nn.Module) -> tuple[int, int] | None:
 
 def projection_matrix(module: nn.Module) -> torch.Tensor:
     """``[in, out]`` matrix W with ``module(x) = x @ W + b`` (Linear stores W transposed, Conv1D does not)."""
-    w = module.weight
-    assert isinstance(w, torch.Tensor)
-    w = w.detach()
+    w = resident(module)  # read from accelerate's offload when the weight is on the meta device
+    assert w is not None
     return w if type(module).__name__ == "Conv1D" else w.T
 
 
@@ -65,10 +65,10 @@ def find_out_projection(parent: nn.Module, d_model: int) -> nn.Module | None:
 
 def _gain(site: Any) -> torch.Tensor | None:
     """The norm's effective gain ``[d]`` (weight + gain offset, Gemma's 1 + w), or None when it has none."""
-    w = getattr(site.module, "weight", None)
-    if not site.has_gain or not isinstance(w, torch.Tensor):
+    w = resident(site.module) if site.has_gain else None
+    if w is None:
         return None
-    return w.detach().float() + site.gain_offset
+    return w.float() + site.gain_offset
 
 
 @dataclass
@@ -121,7 +121,8 @@ def plan_model(lm: Any, layout: Any = None, sites: list[Any] | None = None) -> P
     mlp_out = find_out_projection(last.mlp, layout.d_model) if last.mlp is not None else None
     final = layout.final_norm
     gain = _gain(final)
-    w_u = layout.unembed.weight.detach()
+    w_u = resident(layout.unembed)
+    assert w_u is not None
     return Plan(layout, sites, final, w_u, gain if gain is not None else torch.ones(w_u.shape[1]), o_proj, w_o,
                  mlp_out, n_heads)
 

@@ -101,6 +101,6 @@ class Totals:
 
     def add_acts(self, acts: torch.Tensor, mask: torch.Tensor) -> None:
         """acts: ``[batch, pos, n_neurons]`` (already restricted to the chosen neurons); mask ``[batch, pos]``."""
-        a = acts[mask.bool()]
+        a = acts[mask.to(acts.device).bool()]  # the activations may sit on another device than the mask
         self.act_sum += a.double().sum(dim=0).cpu()
         self.act_n += int(a.shape[0])

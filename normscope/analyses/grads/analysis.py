@@ -54,6 +54,7 @@ from normscope.analyses.grads.report import figures, summary, terminal_table
 from normscope.core.capture import Capture
 from normscope.core.errors import NormscopeError
 from normscope.core.nonfinite import flag_nonfinite, note_nonfinite, watch_residual
+from normscope.core.placement import input_device, is_offloaded
 from normscope.core.progress import note
 from normscope.core.progress import progress_task as _task
 from normscope.core.sites import find_layout, find_norm_sites
@@ -128,6 +129,10 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
     model = lm.model
     layout = layout if layout is not None else find_layout(model)
     sites = sites if sites is not None else find_norm_sites(model, layout)
+    if is_offloaded(model):
+        raise NormscopeError("grads accumulates a gradient for every weight, so every weight must stay on a device, "
+                             "but --max-memory offloads some to the CPU or disk; give the GPUs more --max-memory "
+                             "(or drop --device-map).")
     kind = choose_loss(lm, layout, opts.loss)
     batches = list(sample.iter_batches())
     masker = Masker(lm.tokenizer, opts.mask_rate, sample.seed)
@@ -145,7 +150,7 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
     for p in points:
         p.scale = float(n_units)
     watch_residual(cap, layout)
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     total_loss = 0.0
     kept_units = kept_tok = 0
     skipped: list[int] = []

@@ -28,5 +28,6 @@ class ResidualGrad:
     def __call__(self, h: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         """h: ``[batch, pos, d_model]`` the residual stream at this point, returned unchanged."""
         if h.requires_grad:
-            h.register_hook(lambda g, ctx=ctx: self.moments.update(g.detach() * self.scale, ctx))
+            # float32 before the scale: dL_sum/dh can pass float16's 65,504 where dL_mean/dh does not
+            h.register_hook(lambda g, ctx=ctx: self.moments.update(g.detach().float() * self.scale, ctx))
         return h

@@ -51,6 +51,7 @@ from normscope.core.capture import Capture
 from normscope.core.errors import NormscopeError
 from normscope.core.layers import parse_layers
 from normscope.core.nonfinite import flag_nonfinite, merge_nonfinite, watch_residual
+from normscope.core.placement import resident
 from normscope.core.progress import note
 from normscope.core.progress import progress_task as _task
 from normscope.core.tokens import token_text
@@ -189,9 +190,11 @@ def context_unembed_hubness(h: torch.Tensor, unembed: Any, meta: TokenMeta, tok:
 
     h: ``[n_tokens, d]`` final states after the final norm. Returns (scores, top vocabulary hubs).
     """
-    w = unembed.weight.detach().float().cpu()  # [vocab, d]
-    bias = getattr(unembed, "bias", None)
-    b = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
+    w_u = resident(unembed)  # [vocab, d]; read from the offload under --device-map
+    assert w_u is not None
+    w = w_u.float().cpu()
+    bias = resident(unembed, "bias")
+    b = bias.float().cpu() if bias is not None else None
     vocab = w.shape[0]
     k = min(opts.k, vocab)
     idx = torch.empty(h.shape[0], k, dtype=torch.long)

@@ -25,7 +25,7 @@ class MatrixCollector:
         self.n = 0
 
     def update(self, x: torch.Tensor, ctx: BatchContext) -> None:
-        rows = x[token_mask(ctx)].float().cpu()  # [kept tokens in batch, d]
+        rows = x[token_mask(ctx, x)].float().cpu()  # [kept tokens in batch, d]
         if self.matrix is None:
             self.matrix = torch.empty(self.n_tokens, rows.shape[-1], dtype=torch.float32)
         self.matrix[self.n:self.n + rows.shape[0]] = rows
@@ -38,7 +38,8 @@ class MatrixCollector:
         return m
 
 
-def token_mask(ctx: BatchContext) -> torch.Tensor:
-    """``[batch, pos]`` bool: the tokens hubness looks at (every unmasked token of the sample)."""
-    return ctx.attention_mask.bool()
+def token_mask(ctx: BatchContext, x: torch.Tensor | None = None) -> torch.Tensor:
+    """``[batch, pos]`` bool: the tokens hubness looks at (every unmasked token of the sample), on ``x``'s device
+    when given (blocks may sit on different devices under ``--device-map``)."""
+    return (ctx.attention_mask if x is None else ctx.on(x)[1]).bool()
 
