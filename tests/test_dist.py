@@ -29,8 +29,8 @@ from normscope.removal import dist as D
 from normscope.removal.frozen import Removal, divisor_stats
 from normscope.removal.pipeline import _NullProgress, site_costs
 from normscope.removal.train import StopFlag, TrainingStopped, TrainOptions, latest_checkpoint, train
-from tests.test_removal import _free_port, _sample, _setup
-from tests.tiny import tiny_gpt2, tiny_llama
+from tests.test_removal import TEXT, _cli, _free_port, _sample, _setup
+from tests.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 
 def _env(rank: int, world: int, port: int) -> None:
@@ -360,3 +360,44 @@ def test_gradient_checkpointing_is_refused_in_one_line_where_the_model_has_none(
     with pytest.raises(NormscopeError, match="does not support gradient checkpointing"):
         train(model, layout, sites, _sample().batches, TrainOptions(steps=8, gradient_checkpointing=True),
               tmp_path / "r")
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    save_tiny(tiny_llama(), tiny_tokenizer(), root / "llama")
+    (root / "train.txt").write_text(TEXT * 12)
+    (root / "eval.txt").write_text(TEXT[::-1] * 3)
+    return root
+
+
+def test_cli_bf16_with_gradient_checkpointing_trains_and_reports(tiny_folders, tmp_path, one_process):
+    r = tiny_folders
+    res = _cli([r / "llama", "--text", r / "train.txt", "--eval-text", r / "eval.txt", "--steps", 10, "--seq-len",
+                32, "--batch-size", 4, "--dtype", "bfloat16", "--gradient-checkpointing", "--run-dir", tmp_path / "run",
+                "--out", tmp_path / "rep", "--quiet"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "rep" / "remove-ln.json").read_text())
+    meta = data["meta"]["settings"]
+    assert meta["precision"] == "bfloat16" and meta["gradient_checkpointing"] is True
+    assert data["headlines"]["sites_removed"] == "5 / 5" and all(torch.isfinite(torch.tensor(
+        [h["loss"] for h in data["history"]])))
+
+
+@pytest.mark.parametrize("case", ["float16", "fsdp_alone", "memory"])
+def test_cli_refuses_in_one_line_before_training(tiny_folders, tmp_path, monkeypatch, case, one_process):
+    r = tiny_folders
+    base = [r / "llama", "--text", r / "train.txt", "--eval-text", r / "eval.txt", "--steps", 10, "--seq-len", 32,
+            "--batch-size", 4, "--run-dir", tmp_path / "run", "--out", tmp_path / "rep", "--quiet"]
+    extra, want = {"float16": (["--dtype", "float16"], "bfloat16"), "fsdp_alone": (["--fsdp"], "torchrun"),
+                   "memory": ([], "is free on")}[case]
+    if case == "memory":  # one batch of 4 x 32 tokens does not fit in 64 KiB
+        import normscope.core.models as models
+
+        monkeypatch.setattr(models, "available_memory_bytes", lambda device: 64 * 1024)
+    res = _cli([*base, *extra])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert lines[0].startswith("error:") and want in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()  # refused before any training

@@ -73,7 +73,9 @@ Gap = Annotated[float | None, typer.Option(min=0.0)]
 
 EPILOG = ("Cost: one training step is a forward and backward pass over --batch-size x --seq-len tokens per "
     "micro-batch (SmolLM2-135M, 8 x 128 tokens, 2 CPU cores: ~5 s); --distill adds a forward pass of the original "
-    "model, --control runs every step twice. Checkpoints go to --run-dir; Ctrl-C or SIGTERM saves one first. "
+    "model, --control runs every step twice. --dtype bfloat16 trains under bf16 autocast with fp32 weights and AdamW "
+    "state (auto: so on GPUs that have bf16, fp32 on CPU). Checkpoints go to --run-dir; Ctrl-C or SIGTERM saves one "
+    "first (under torchrun a signal to any process stops them all after the same step). "
     "On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread oversubscription (measured here: a "
     "4 x 128 step took 40 s with 2 threads against a busy neighbour, 5.5 s with 1).\n\n"
     "Examples:\n\n"
@@ -220,6 +222,9 @@ def _remove_ln(
         if bos == "no":
             raise NormscopeError("--exact-bos needs a fixed BOS at position 0; drop --bos no.")
         bos = "yes"
+    if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise NormscopeError("--fsdp shards the model over several processes; launch with torchrun "
+                             "--nproc-per-node N (N >= 2), or drop --fsdp.")
     if ramp_shape not in ("linear", "cosine"):
         raise NormscopeError(f"--ramp-shape must be linear or cosine, not '{ramp_shape}'.")
     if sum(bool(x) for x in (text, dataset, self_generated)) > 1:

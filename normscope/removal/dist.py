@@ -8,6 +8,10 @@ through it, so every tensor handed to NCCL is on the rank's device (NCCL refuses
 both, which is why a CPU test alone cannot show the difference: ``tests/test_dist.py`` checks the placement with
 a fake process group).
 
+A SIGTERM or Ctrl-C sets a :class:`StopFlag` in the process it reaches; the loop all-reduces the flags at the
+end of every step (:func:`stop_codes`), so every rank stops after the same step and meets the others at the
+checkpoint barrier instead of waiting there alone until the timeout.
+
 The process group starts with ``torch.cuda.set_device(LOCAL_RANK)`` on CUDA (so that nothing of rank 3 lands on
 GPU 0) and a timeout of :data:`DIST_TIMEOUT`: long enough for rank 0 to write a checkpoint while the others
 wait at the barrier, short enough that a rank that died leaves the others failing instead of hanging forever.
@@ -17,6 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -88,6 +95,59 @@ def barrier() -> None:
 
     if _initialized():
         dist.barrier()
+
+
+# ---- stopping: a signal reaches one rank, the ranks decide together -------------------------------------------
+class StopFlag:
+    """Set by SIGTERM / SIGINT (or by a caller): the loop saves after the step in flight and stops."""
+
+    def __init__(self) -> None:
+        self.signame: str | None = None
+
+    def request(self, signame: str = "request") -> None:
+        self.signame = signame
+
+    @property
+    def requested(self) -> bool:
+        return self.signame is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """Route SIGTERM and SIGINT to ``flag`` (a second Ctrl-C interrupts at once); handlers restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old: dict[signal.Signals, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.request(name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+STOP_NAMES = ("SIGTERM", "SIGINT", "request")
+
+
+def stop_codes(flag: StopFlag) -> torch.Tensor:
+    """This rank's stop request as counts ``[SIGTERM, SIGINT, other]`` (float64), to be summed over the ranks."""
+    return torch.tensor([float(flag.signame == n) if n != "request" else float(
+        flag.requested and flag.signame not in STOP_NAMES[:2]) for n in STOP_NAMES], dtype=torch.float64)
+
+
+def stop_name_of(codes: torch.Tensor) -> str | None:
+    """The stop request of the summed :func:`stop_codes` (None: nobody asked)."""
+    return next((n for n, c in zip(STOP_NAMES, codes.tolist(), strict=True) if c > 0), None)
+
 
 
 def tied_names(model: nn.Module) -> set[str]:

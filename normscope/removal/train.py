@@ -35,10 +35,8 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normscope.core.errors import NormscopeError
-from normscope.removal.dist import Parallel
+from normscope.removal.dist import Parallel, StopFlag, stop_codes, stop_name_of, stop_on_signals
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import Schedule, ScheduleOptions, build_schedule
 from normscope.report import atomic_dir
@@ -348,44 +346,6 @@ def check_resumable(state: dict[str, Any], fingerprint: dict[str, Any], identity
                              "--seq-len, --batch-size and --max-tokens (or --self-generated) as the original run.")
 
 
-# ---- signals --------------------------------------------------------------------------------------------
-class StopFlag:
-    """Set by SIGTERM / SIGINT (or by a caller): the loop saves after the step in flight and stops."""
-
-    def __init__(self) -> None:
-        self.signame: str | None = None
-
-    def request(self, signame: str = "request") -> None:
-        self.signame = signame
-
-    @property
-    def requested(self) -> bool:
-        return self.signame is not None
-
-
-@contextlib.contextmanager
-def stop_on_signals(flag: StopFlag) -> Iterator[None]:
-    """Route SIGTERM and SIGINT to ``flag`` (a second Ctrl-C interrupts at once); handlers restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old: dict[signal.Signals, Any] = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if flag.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag.request(name)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        old[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
 # ---- the loop -------------------------------------------------------------------------------------------
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype of a run (None: plain fp32); see :attr:`TrainOptions.precision`."""
@@ -664,20 +624,6 @@ def train(
         full_state = full_state if rank == 0 else None
     return TrainResult(history, removal, schedule, run_dir, resumed_from, skipped, time.perf_counter() - t_start,
                        diverged_at, full_state)
-
-
-STOP_NAMES = ("SIGTERM", "SIGINT", "request")
-
-
-def stop_codes(flag: StopFlag) -> torch.Tensor:
-    """This rank's stop request as counts ``[SIGTERM, SIGINT, other]`` (float64), to be summed over the ranks."""
-    return torch.tensor([float(flag.signame == n) if n != "request" else float(
-        flag.requested and flag.signame not in STOP_NAMES[:2]) for n in STOP_NAMES], dtype=torch.float64)
-
-
-def stop_name_of(codes: torch.Tensor) -> str | None:
-    """The stop request of the summed :func:`stop_codes` (None: nobody asked)."""
-    return next((n for n, c in zip(STOP_NAMES, codes.tolist(), strict=True) if c > 0), None)
 
 
 def site_consumers(layout: Any, removal: Removal) -> dict[str, list[nn.Parameter]]:
