@@ -73,7 +73,9 @@ Gap = Annotated[float | None, typer.Option(min=0.0)]
 
 EPILOG = ("Cost: one training step is a forward and backward pass over --batch-size x --seq-len tokens per "
     "micro-batch (SmolLM2-135M, 8 x 128 tokens, 2 CPU cores: ~5 s); --distill adds a forward pass of the original "
-    "model, --control runs every step twice. Checkpoints go to --run-dir; Ctrl-C or SIGTERM saves one first. "
+    "model, --control runs every step twice. --dtype bfloat16 trains under bf16 autocast with fp32 weights and AdamW "
+    "state (auto: so on GPUs that have bf16, fp32 on CPU). Checkpoints go to --run-dir; Ctrl-C or SIGTERM saves one "
+    "first (under torchrun a signal to any process stops them all after the same step). "
     "On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread oversubscription (measured here: a "
     "4 x 128 step took 40 s with 2 threads against a busy neighbour, 5.5 s with 1).\n\n"
     "Examples:\n\n"
@@ -83,7 +85,9 @@ EPILOG = ("Cost: one training step is a forward and backward pass over --batch-s
     "  normscope remove-ln smollm2-135m --self-generated 256 --distill --steps 200   # no corpus needed\n\n"
     "  normscope remove-ln smollm2-135m --text books/ --sites 'blocks.2[0-9].*' --sites ln_final --no-export\n\n"
     "  normscope remove-ln smollm2-135m --text books/ --resume                      # continue after a stop\n\n"
-    "  torchrun --nproc-per-node 2 .venv/bin/normscope remove-ln MODEL --text books/ --grad-accum 2   # DDP")
+    "  torchrun --nproc-per-node 2 .venv/bin/normscope remove-ln MODEL --text books/ --grad-accum 2   # DDP\n\n"
+    "  torchrun --nproc-per-node 4 .venv/bin/normscope remove-ln MODEL --text books/ --grad-accum 4 --fsdp "
+    "--dtype bfloat16 --gradient-checkpointing   # sharded, less memory per GPU")
 
 
 def _remove_ln(
@@ -184,6 +188,12 @@ def _remove_ln(
         "command with --resume --control evaluates them.")] = None,
     site_costs: Annotated[bool, typer.Option(
         "--site-costs", help="First measure each site's CE cost when frozen alone, without training.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="Recompute each block's activations in the backward pass instead of "
+        "keeping them: less memory, about a third more time, the same losses.")] = False,
+    fsdp: Annotated[bool, typer.Option(
+        "--fsdp", help="Under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2) "
+        "instead of a full replica per process (DDP). --log-sites is off with it.")] = False,
 ) -> None:
     """Remove every LayerNorm / RMSNorm by fine-tuning (Baroni et al. 2025) and export a plain LN-free model.
 
@@ -196,14 +206,15 @@ def _remove_ln(
     if m.device_map != "none":
         raise NormscopeError(f"remove-ln trains every weight, which --device-map {m.device_map} would offload or "
                              "split; drop --device-map (several GPUs: torchrun or accelerate launch, see the README).")
-    if m.dtype not in ("auto", "float32"):
-        raise NormscopeError(f"remove-ln trains in float32 for now (fp32 weights and AdamW state); drop --dtype "
-                             f"{m.dtype}.")
+    if m.dtype not in ("auto", "float32", "bfloat16"):
+        raise NormscopeError(f"remove-ln trains in float32 or under bfloat16 autocast (fp32 weights and AdamW state "
+                             f"either way), not {m.dtype}, which would need loss scaling; use --dtype bfloat16.")
     import torch
 
-    from normscope.core.models import load_model
+    from normscope.core.models import check_memory, load_model
     from normscope.core.text import load_text
     from normscope.removal import RemoveLnOptions, ScheduleOptions, StopFlag, TrainingStopped, TrainOptions
+    from normscope.removal.dist import rank_device
     from normscope.removal.pipeline import check, run, self_generated_sample
 
     quiet_libraries()
@@ -214,6 +225,9 @@ def _remove_ln(
         if bos == "no":
             raise NormscopeError("--exact-bos needs a fixed BOS at position 0; drop --bos no.")
         bos = "yes"
+    if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise NormscopeError("--fsdp shards the model over several processes; launch with torchrun "
+                             "--nproc-per-node N (N >= 2), or drop --fsdp.")
     if ramp_shape not in ("linear", "cosine"):
         raise NormscopeError(f"--ramp-shape must be linear or cosine, not '{ramp_shape}'.")
     if sum(bool(x) for x in (text, dataset, self_generated)) > 1:
@@ -223,16 +237,15 @@ def _remove_ln(
         if overlap:
             raise NormscopeError(f"{sorted(overlap)[0]} is both training and held-out text; give --eval-text a "
                                  "different file, or the CE table would report on text the model was tuned on.")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto" and world > 1 and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = rank_device(device)  # under torchrun: this rank's own GPU
     torch.manual_seed(seed)
     model = m.model
     folder = output_dir(slugify(model), o.out)
     check_output(folder, ["remove-ln"], o.force or resume)  # --resume continues the run whose page this is
     with progress.status(f"loading {model}"):
-        lm = load_model(model, revision=m.revision, dtype="float32", device=device,
+        lm = load_model(model, revision=m.revision, dtype="float32", device=device,  # fp32 master weights
                         trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+    check_memory(lm, batch_size, seq_len, training=not gradient_checkpointing)
     if not lm.info.is_causal:
         raise NormscopeError(f"remove-ln fine-tunes next-token prediction, so it needs a causal LM; {model} is an "
                              "encoder.")
@@ -244,8 +257,9 @@ def _remove_ln(
                          grad_accum=grad_accum, aux_weight=aux_weight, aux_sites=aux_sites, aux_form=aux_form,
                          distill_weight=distill_weight if distill else 0.0, momentum=momentum,
                          first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
-                         save_every=save_every, keep_checkpoints=keep_checkpoints, log_sites=log_sites,
-                         exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard)
+                         save_every=save_every, keep_checkpoints=keep_checkpoints,
+                         exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard, precision=m.dtype,
+                         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, log_sites=log_sites and not fsdp)
     ropts = RemoveLnOptions(train=topts, control=control, sites=sites, run_dir=rdir, resume=resume, export=export,
                             export_dir=export_dir, site_costs=site_costs, only=only, eps=export_eps)
     check(lm, ropts)

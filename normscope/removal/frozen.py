@@ -8,9 +8,12 @@ per-token divisor (mean over the batch and the positions); it is frozen at the s
 
 :class:`FrozenNorm` wraps one norm module in place. It registers the original module's ``weight`` and
 ``bias`` Parameter objects under the same names, so ``model.state_dict()`` keeps the keys of the original
-architecture, and it calls the original module for the live path, so a live site is bit-identical to the
-original. The divisor state (EMA, frozen values, modes) is plain Python floats and flags that
-:meth:`FrozenNorm.state` / :meth:`FrozenNorm.load_state` serialise exactly.
+architecture, and the wrapper owns them: the original module is not part of the model any more, and the live
+path runs the original's forward on the wrapper's current parameters (``torch.func.functional_call``), so a
+live site is bit-identical to the original and reads the weights FSDP gathers onto the wrapper, not a stale
+copy. With gradient checkpointing a block's forward runs twice; inside :meth:`Removal.recomputing` the rerun
+keeps no statistics and no auxiliary term. The divisor state (EMA, frozen values, modes) is plain Python
+floats and flags that :meth:`FrozenNorm.state` / :meth:`FrozenNorm.load_state` serialise exactly.
 
 Two extensions of the paper's replacement:
 
@@ -110,7 +113,7 @@ class FrozenNorm(nn.Module):
     forward in ``aux_term``.
     """
 
-    weight: torch.Tensor | None  # the original norm's own Parameter objects (shared), or None
+    weight: torch.Tensor | None  # the original norm's Parameter objects, now registered here, or None
     bias: torch.Tensor | None
 
     def __init__(self, original: nn.Module, site: Any, *, momentum: float = 0.9, first_token: bool = True) -> None:
@@ -159,10 +162,23 @@ class FrozenNorm(nn.Module):
         self.watch = False  # record the largest divisor at positions >= 1 and a non-finite input (diagnostics)
         self.peak: tuple[float, int, int] | None = None  # (largest live divisor at pos >= 1, batch row, position)
         self.nonfinite_input = False
+        self.recomputing = False  # a checkpointed block's second forward, in the backward pass
 
     @property
     def original(self) -> nn.Module:
         return self._orig[0]
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return {n: p for n in ("weight", "bias") if (p := getattr(self, n)) is not None}
+
+    def _live(self, x: torch.Tensor) -> torch.Tensor:
+        """The original norm's forward on this wrapper's parameters as they are now (under FSDP: the gathered
+        ones; the original module's own attributes would be the stale full tensors of before sharding)."""
+        params = self._params()
+        orig = self.original
+        if all(getattr(orig, n, None) is p for n, p in params.items()):
+            return orig(x)
+        return torch.func.functional_call(orig, params, (x,), strict=False)
 
     def extra_repr(self) -> str:
         return (f"site={self.site_name}, frozen={self.frozen}, frozen_v={self.frozen_v}, "
@@ -243,25 +259,27 @@ class FrozenNorm(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, pos, d] (or [batch, pos, heads, d_head])
-        if self.aux:
+        if self.aux:  # the rerun of a checkpointed block repeats these ops (autograd needs them) but keeps nothing
             div = self.live_divisor(x)  # [..., 1], with gradients for the aux loss
-            self.aux_term = aux_spread(div, self.aux_form, skip=max(self.n_fixed, self.aux_skip_first),
-                                       target=self.aux_target)
+            term = aux_spread(div, self.aux_form, skip=max(self.n_fixed, self.aux_skip_first),
+                              target=self.aux_target)
             pen = self.guard_penalty(div)
             if pen is not None:
-                self.aux_term = self.aux_term + self.guard_weight * pen
-        elif self.tracking or self.watch:
+                term = term + self.guard_weight * pen
+            if not self.recomputing:
+                self.aux_term = term
+        elif (self.tracking or self.watch) and not self.recomputing:
             with torch.no_grad():
                 div = self.live_divisor(x)
-        if self.watch:
+        if self.watch and not self.recomputing:
             self._watch(x, div)
-        if self.tracking:
+        if self.tracking and not self.recomputing:
             st = divisor_stats(div, self.first_token)  # [4]
             self._acc = st if self._acc is None else self._acc + st
-        main = self._frozen_out(x, self.ramp) if self.frozen else self.original(x)
+        main = self._frozen_out(x, self.ramp) if self.frozen else self._live(x)
         v_state = (self.frozen_v, self.ramp_v if self.frozen_v else None)
         if self.split_v and v_state != (self.frozen, self.ramp if self.frozen else None):
-            self.v_input = self._frozen_out(x, self.ramp_v) if self.frozen_v else self.original(x)
+            self.v_input = self._frozen_out(x, self.ramp_v) if self.frozen_v else self._live(x)
         else:
             self.v_input = None
         return main
@@ -434,12 +452,17 @@ class Removal:
         return self.wrappers[name]
 
     def uninstall(self) -> None:
-        """Put the original modules back (their Parameters were shared, so trained gains are kept)."""
+        """Put the original modules back, holding the wrappers' current (trained) Parameters."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
         for path, original in self._originals.items():
             parent, attr = _parent(self.model, path)
+            wrapper = getattr(parent, attr)
+            if isinstance(wrapper, FrozenNorm):
+                for n, p in wrapper._params().items():
+                    if isinstance(p, nn.Parameter) and getattr(original, n, None) is not p:
+                        setattr(original, n, p)
             setattr(parent, attr, original)
         self._originals.clear()
 
@@ -454,6 +477,19 @@ class Removal:
             if aux_sites is not None:
                 w.aux = name in aux_sites
                 w.aux_term = None
+
+    @contextmanager
+    def recomputing(self) -> Iterator[None]:
+        """Mark the backward pass: a checkpointed block that reruns its forward there must not count its divisor
+        statistics again nor leave an auxiliary term behind."""
+        for w in self.wrappers.values():
+            w.recomputing = True
+        try:
+            yield
+        finally:
+            for w in self.wrappers.values():
+                w.recomputing = False
+                w.v_input = None  # a rerun may stop early, between the norm and the value projection
 
     @contextmanager
     def tracking(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:

@@ -28,10 +28,11 @@ from torch import nn
 from normscope.core.errors import NormscopeError
 from normscope.core.sites import find_layout, find_norm_sites
 from normscope.removal import evaluate as ev
+from normscope.removal.dist import all_reduce, dist_env, init_distributed, plain_copy
 from normscope.removal.export import DEFAULT_EPS, export_model
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import PHASE_LABELS, PHASES
-from normscope.removal.train import StepLog, StopFlag, TrainOptions, dist_env, latest_checkpoint, train
+from normscope.removal.train import StepLog, StopFlag, TrainOptions, latest_checkpoint, train
 from normscope.report import Figure, Result
 from normscope.report.result import build_meta
 
@@ -173,32 +174,40 @@ def site_costs(model: nn.Module, layout: Any, sites: list[Any], batches: list[An
     """CE cost of freezing each site alone, with no training, on the given (training) batches.
 
     The divisors are the means over these batches, as the EMA would give; Section 5 of REFERENCE notes that on
-    SmolLM2 every site alone costs at most ~0.14 nats and the harm comes from compounding.
+    SmolLM2 every site alone costs at most ~0.14 nats and the harm comes from compounding. Under torchrun each
+    rank measures every ``world``-th site and one all-reduce gathers them, so no rank idles in a collective
+    while another works (the whole table is the same on every rank).
     """
     from normscope.removal.train import next_token_ce
 
+    rank, world = dist_env()
+    device = next(model.parameters()).device
     rem = Removal(model, layout, sites, momentum=0.0, first_token=first_token, split_value=False)
+    got = torch.zeros(len(sites), 2, dtype=torch.float64)  # [site, (frozen alone, with a position-0 divisor)]
     try:
         with torch.no_grad():
-            with rem.tracking():
+            with rem.tracking():  # the same batches on every rank: the same divisors, no reduction needed
                 base = _mean_ce(model, batches, next_token_ce)
-            rows = []
-            with progress.task("per-site cost", len(sites)) as adv:
-                for s in sites:
-                    w = rem[s.name]
+            mine = [i for i in range(len(sites)) if i % world == rank]
+            with progress.task("per-site cost", len(mine)) as adv:
+                for i in mine:
+                    w = rem[sites[i].name]
                     w.freeze(0)
                     w.first_blend = 1.0
-                    ce = _mean_ce(model, batches, next_token_ce)
-                    own = float("nan")
+                    got[i, 0] = _mean_ce(model, batches, next_token_ce)
+                    got[i, 1] = float("nan")
                     if first_token and w.divisor_first is not None:
                         w.first_blend = 0.0
-                        own = _mean_ce(model, batches, next_token_ce)
+                        got[i, 1] = _mean_ce(model, batches, next_token_ce)
                     w.frozen, w.divisor, w.divisor_first = False, None, None
-                    rows.append({"site": s.name, "role": s.role, "layer": s.layer, "ce_frozen_alone": ce,
-                                 "cost": ce - base, "cost_with_first_token_divisor": own - base})
                     adv(1)
     finally:
         rem.uninstall()
+    if world > 1:  # other ranks' rows are 0 here (a NaN, no position-0 divisor, stays NaN in the sum)
+        got = all_reduce(got, device).cpu()
+    rows = [{"site": s.name, "role": s.role, "layer": s.layer, "ce_frozen_alone": float(got[i, 0]),
+             "cost": float(got[i, 0]) - base, "cost_with_first_token_divisor": float(got[i, 1]) - base}
+            for i, s in enumerate(sites)]
     return pd.DataFrame(rows)
 
 
@@ -238,7 +247,7 @@ def check_fixed_prefix(sample: Any, k: int, what: str) -> None:
 
 def check(lm: Any, opts: RemoveLnOptions) -> None:
     """Fail early, before any text is read or generated: no norm sites, an encoder, --sites matching nothing,
-    too few --steps for the schedule."""
+    too few --steps for the schedule, --gradient-checkpointing on a model without it, --fsdp in one process."""
     from normscope.removal.frozen import find_value_path
     from normscope.removal.schedule import build_schedule
 
@@ -249,6 +258,12 @@ def check(lm: Any, opts: RemoveLnOptions) -> None:
              and find_value_path(blocks[s.layer].attn, int(layout.d_model)) is not None for s in chosen}
     build_schedule(chosen, opts.train.steps, opts.train.schedule, split=split,
                    first_token=opts.train.first_token and not opts.train.exact_bos)
+    if opts.train.gradient_checkpointing and not getattr(lm.model, "supports_gradient_checkpointing", False):
+        raise NormscopeError(f"{type(lm.model).__name__} does not support gradient checkpointing in transformers; "
+                             "drop --gradient-checkpointing (or lower --batch-size to save memory).")
+    if opts.train.fsdp and dist_env()[1] < 2:
+        raise NormscopeError("--fsdp shards the model over several processes; launch with torchrun "
+                             "--nproc-per-node N (N >= 2), or drop --fsdp.")
 
 
 # ---- the command --------------------------------------------------------------------------------------------
@@ -281,13 +296,14 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
                              "or choose another --run-dir.")
     rank, _world = dist_env()
     topts = opts.train
+    init_distributed(next(original.parameters()).device)  # before anything that all ranks wait on
     if topts.exact_bos:
         check_fixed_prefix(train_sample, topts.fixed_prefix, "training")
         check_fixed_prefix(eval_sample, topts.fixed_prefix, "held-out")
     extra = {"model_spec": lm.info.spec, "train_text": train_sample.to_dict()}
 
     costs = None
-    if opts.site_costs and rank == 0:
+    if opts.site_costs:  # every rank measures its share
         ts = time.perf_counter()
         costs = site_costs(original, layout, chosen, train_sample.batches[:2], progress, topts.first_token)
         timings["per-site costs"] = time.perf_counter() - ts
@@ -308,6 +324,9 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
         res = train(student, slayout, ssites, train_sample.batches, topts, sub["ln_free"], control=False,
                     remove=remove, teacher=original if topts.distill_weight > 0 else None,
                     resume=have["ln_free"], progress=on_step, stop=stop, extra_state=extra)
+    if res.full_state is not None:  # FSDP, rank 0: continue on an unsharded copy
+        student, res.removal = plain_copy(original, res, topts)
+        res.full_state = None
     timings["training (LN-free)"] = time.perf_counter() - ts
     for p in student.parameters():
         p.requires_grad_(False)
@@ -406,6 +425,8 @@ def _train_control(original: nn.Module, train_sample: Any, opts: RemoveLnOptions
     with progress.training("control (norms kept)", copts.steps, 0, 0) as on_step:
         res = train(model, layout, sites, train_sample.batches, copts, run_dir, control=True, resume=resume,
                     progress=on_step, stop=stop, extra_state=extra)
+    if res.full_state is not None:  # FSDP, rank 0: continue on an unsharded copy
+        model, res.removal = plain_copy(original, res, copts)
     res.removal.uninstall()
     for p in model.parameters():
         p.requires_grad_(False)

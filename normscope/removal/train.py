@@ -16,9 +16,15 @@ is skipped and its divisor statistics dropped; after ``max_nonfinite_run`` such 
 as diverged.
 
 Distributed: under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the model is wrapped in
-``DistributedDataParallel`` and each rank takes its share of the micro-batches of every step; divisor
-statistics and logged losses are all-reduced, and dropout is seeded per micro-batch, so the losses equal those
-of one process with the same global batch.
+``DistributedDataParallel``, or sharded with FSDP2 (``fsdp``), and each rank takes its share of the
+micro-batches of every step; divisor statistics and logged losses are all-reduced in one collective a step,
+the stop request in another at its end (so a SIGTERM that reaches one rank stops every rank after the same
+step), and dropout is seeded per micro-batch, so the losses equal those of one process with the same global
+batch. See :mod:`normscope.removal.dist`.
+
+Memory: ``precision="bfloat16"`` runs the forward and backward under bf16 autocast with fp32 master weights
+and AdamW state (divisor statistics stay fp32/fp64); ``gradient_checkpointing`` recomputes each block's
+activations in the backward pass (transformers' activation checkpointing; the same losses).
 """
 
 from __future__ import annotations
@@ -29,10 +35,8 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normscope.core.errors import NormscopeError
+from normscope.removal.dist import Parallel, StopFlag, stop_codes, stop_name_of, stop_on_signals
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import Schedule, ScheduleOptions, build_schedule
 from normscope.removal.writers import WriterUpdates, site_writers
@@ -120,6 +125,15 @@ class TrainOptions:
     weights reading the site, and the largest divisor at positions >= 1 over the site's divisor, with its
     token, and the relative update of the weights writing into the site (``normscope.removal.writers``); plus
     the first site (forward order) whose input was non-finite."""
+    precision: str = "auto"
+    """"auto": bf16 autocast on GPUs that have it, fp32 elsewhere; "float32": no autocast; "bfloat16": bf16
+    autocast on any device. The master weights and the AdamW state stay fp32 either way."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory, about
+    one more forward pass of time; the losses are the same)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and AdamW state over the processes (FSDP2 ``fully_shard``) instead of
+    DDP's full replica per rank."""
     skip_nonfinite: bool = True
     """Skip an optimizer step whose loss or gradient is not finite (and count it) instead of failing."""
     max_nonfinite_run: int = 10
@@ -131,7 +145,8 @@ class TrainOptions:
         the removal-only settings do not change it: one control serves every removal variant on the same data
         and optimizer settings."""
         d = asdict(self)
-        for k in ("save_every", "keep_checkpoints", "log_sites") + (REMOVAL_ONLY if control else ()):
+        for k in ("save_every", "keep_checkpoints", "log_sites", "gradient_checkpointing") + (
+                REMOVAL_ONLY if control else ()):
             d.pop(k)
         return d
 
@@ -173,39 +188,9 @@ class TrainResult:
     skipped: int
     seconds: float
     diverged_at: int | None = None
-
-
-# ---- distributed ----------------------------------------------------------------------------------------
-def dist_env() -> tuple[int, int]:
-    """(rank, world size) from the torchrun / accelerate environment; (0, 1) outside it."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(device: torch.device) -> bool:
-    """Start the process group (gloo on CPU, nccl on CUDA) when running under torchrun; idempotent."""
-    import torch.distributed as dist
-
-    rank, world = dist_env()
-    if world <= 1:
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    full_state: dict[str, torch.Tensor] | None = None
+    """Under FSDP, on rank 0: the unsharded weights (the model itself stays sharded; see
+    :func:`normscope.removal.dist.plain_copy`)."""
 
 
 # ---- pure helpers ---------------------------------------------------------------------------------------
@@ -305,17 +290,24 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: Any, state: dict[str, Any],
-                    keep: int = 2) -> Path:
+                    keep: int = 2, *, weights: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write ``run_dir/ckpt-<step>`` atomically: a temporary folder, fsynced, then renamed into place.
 
     ``step`` is the number of optimizer steps done. Older checkpoints beyond ``keep`` are deleted afterwards.
+    ``weights`` / ``optimizer_state``: the gathered full states of a sharded (FSDP) model, saved instead of
+    ``model``'s and ``optimizer``'s own.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     target = run_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
     with atomic_dir(target) as tmp:  # the same step may be saved again (a resumed run that stops at once)
-        save_model(model, str(tmp / WEIGHTS_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+        if weights is not None:
+            save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        else:
+            save_model(model, str(tmp / WEIGHTS_FILE))
+        opt_sd = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        torch.save({"optimizer": opt_sd, "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / TRAINER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=True))
@@ -339,7 +331,10 @@ def check_resumable(state: dict[str, Any], fingerprint: dict[str, Any], identity
             f"{theirs.get('n_params')} parameters) than this one ({fingerprint['class']}, "
             f"{fingerprint['n_params']}); resume with the same model or choose another --run-dir."
         )
-    theirs_opts = state.get("options", {})
+    theirs_opts = dict(state.get("options", {}))
+    for k, v in asdict(TrainOptions()).items():  # a setting added after the checkpoint was written: its default
+        if k in identity:
+            theirs_opts.setdefault(k, v)
     diff = [k for k in sorted(set(identity) | set(theirs_opts))
             if json.dumps(identity.get(k), sort_keys=True) != json.dumps(theirs_opts.get(k), sort_keys=True)]
     if diff:
@@ -353,50 +348,30 @@ def check_resumable(state: dict[str, Any], fingerprint: dict[str, Any], identity
                              "--seq-len, --batch-size and --max-tokens (or --self-generated) as the original run.")
 
 
-# ---- signals --------------------------------------------------------------------------------------------
-class StopFlag:
-    """Set by SIGTERM / SIGINT (or by a caller): the loop saves after the step in flight and stops."""
-
-    def __init__(self) -> None:
-        self.signame: str | None = None
-
-    def request(self, signame: str = "request") -> None:
-        self.signame = signame
-
-    @property
-    def requested(self) -> bool:
-        return self.signame is not None
-
-
-@contextlib.contextmanager
-def stop_on_signals(flag: StopFlag) -> Iterator[None]:
-    """Route SIGTERM and SIGINT to ``flag`` (a second Ctrl-C interrupts at once); handlers restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old: dict[signal.Signals, Any] = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if flag.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag.request(name)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        old[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
 # ---- the loop -------------------------------------------------------------------------------------------
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on GPUs that have it; plain fp32 elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of a run (None: plain fp32); see :attr:`TrainOptions.precision`."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise NormscopeError(f"remove-ln trains in float32 or under bfloat16 autocast, not {precision}; use --dtype "
+                             "bfloat16 (float16 would need loss scaling) or float32.")
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``dtype`` (fp32 master weights stay as they are); nothing when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Transformers' activation checkpointing on every block (non-reentrant), or a one-line refusal."""
+    fn = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable",
+                                                                            None)
+    if fn is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise NormscopeError(f"{type(model).__name__} does not support gradient checkpointing in transformers; drop "
+                             "--gradient-checkpointing (or lower --batch-size to save memory).")
+    fn({"use_reentrant": False})
 
 
 def _aux_site_names(removal: Removal, which: str) -> list[str]:
@@ -432,17 +407,21 @@ def train(
     schedule removes (default: all). ``batches`` are the training micro-batches
     (:class:`normscope.core.text.TokenBatch`), visited in a seeded order, epoch after epoch. ``teacher`` (the
     original model, eval mode) is needed when
-    ``opts.distill_weight`` > 0. The wrappers stay installed on return (``result.removal``), ready for export.
+    ``opts.distill_weight`` > 0. The wrappers stay installed on return (``result.removal``), ready for export
+    (under FSDP the model stays sharded, and rank 0 gets the full weights in ``result.full_state``).
     """
     device = next(model.parameters()).device
-    rank, world = dist_env()
-    distributed = init_distributed(device)
+    amp = autocast_dtype(device, opts.precision)
+    par = Parallel(device, fsdp=opts.fsdp)
+    rank, world = par.rank, par.world
     if opts.grad_accum % world:
         raise NormscopeError(f"--grad-accum {opts.grad_accum} must be a multiple of the {world} processes.")
     if opts.distill_weight > 0 and teacher is None:
         raise ValueError("distillation needs the teacher model")
     if not batches:
         raise NormscopeError("There is no training text; give --text files or --self-generated N.")
+    if opts.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     torch.manual_seed(opts.seed)
     removal = Removal(model, layout, sites, momentum=opts.momentum, first_token=opts.first_token,
                       split_value=opts.split_value)
@@ -458,13 +437,13 @@ def train(
             w.follow = opts.schedule.taper
             w.guard, w.guard_weight = opts.guard, opts.guard_weight
     aux_names = _aux_site_names(removal, opts.aux_sites)
-    watch = SiteWatch(removal, site_consumers(layout, removal), WriterUpdates(site_writers(model, layout, sites))
-                      ) if opts.log_sites and rank == 0 else None
+    # the site log reads whole weights on rank 0 alone, which a sharded model cannot do without the others
+    watch = (SiteWatch(removal, site_consumers(layout, removal), WriterUpdates(site_writers(model, layout, sites)))
+             if opts.log_sites and rank == 0 and par.mode != "fsdp" else None)
     if opts.aux_form not in ("squared", "log"):
         raise NormscopeError(f"--aux-form must be squared or log, not '{opts.aux_form}'.")
     for p in model.parameters():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.lr)
     warmup = opts.warmup if opts.warmup is not None else max(1, round(0.05 * opts.steps))
     fingerprint = model_fingerprint(model)
     data_fp = data_fingerprint(batches)
@@ -476,6 +455,7 @@ def train(
     per_step = opts.grad_accum
     start_step, resumed_from = 0, None
     finished = False
+    optimizer_state: dict[str, Any] | None = None
 
     ckpt = latest_checkpoint(run_dir)
     if resume:
@@ -486,12 +466,15 @@ def train(
         check_resumable(state, fingerprint, identity, data_fp, ckpt)
         from safetensors.torch import load_model
 
-        load_model(model, str(ckpt / WEIGHTS_FILE))
-        tr = torch.load(ckpt / TRAINER_FILE, weights_only=True)
-        optimizer.load_state_dict(tr["optimizer"])
-        torch.set_rng_state(tr["rng_cpu"])
+        load_model(model, str(ckpt / WEIGHTS_FILE), device=str(device))
+        # onto this rank's device (without map_location every rank would load onto the GPU rank 0 saved from);
+        # a sharded run reads the full optimizer state memory-mapped on the CPU, and rank 0 scatters it
+        tr = torch.load(ckpt / TRAINER_FILE, weights_only=True, map_location="cpu" if par.mode == "fsdp" else device,
+                        mmap=par.mode == "fsdp")
+        optimizer_state = tr["optimizer"]
+        torch.set_rng_state(tr["rng_cpu"].cpu())
         if tr.get("rng_cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(tr["rng_cuda"])
+            torch.cuda.set_rng_state_all([t.cpu() for t in tr["rng_cuda"]])
         removal.load_state(state["removal"])
         history = [StepLog(**h) for h in state["history"]]
         start_step = resumed_from = int(state["step"])
@@ -500,17 +483,20 @@ def train(
         raise NormscopeError(f"{run_dir} already holds checkpoints of an earlier run; add --resume to continue "
                              "it, or choose another --run-dir.")
     else:
-        _calibrate(model, removal, batches, cursor, per_step, rank, world, device)
+        _calibrate(model, removal, batches, cursor, per_step, par, amp)
         if opts.aux_anchor and not control:
             for w in removal:
                 if w.role == "final":
                     w.aux_target = w.ema
 
-    ddp_model: Any = model  # nn.Module, or DDP with its no_sync()
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped: Any = par.wrap(model, layout)  # the model, DDP around it, or the model sharded in place
+    optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.lr)
+    if optimizer_state is not None:
+        if par.mode == "fsdp":
+            par.load_full_optimizer_state(model, optimizer, optimizer_state if rank == 0 else {})
+        else:
+            optimizer.load_state_dict(optimizer_state)
+        optimizer_state = None
     flag = stop or StopFlag()
     t_start = time.perf_counter()
     seq_tokens = int(batches[0].input_ids.numel())
@@ -521,11 +507,13 @@ def train(
                 "history": [asdict(h) for h in history], **(extra_state or {})}
 
     def checkpoint(step: int, done: bool) -> Path | None:
-        path = None
+        path, weights, optim = None, None, None
+        if par.mode == "fsdp":  # collectives: every rank gathers, rank 0 writes
+            weights, optim = par.full_model_state(model), par.full_optimizer_state(model, optimizer)
         if rank == 0:
             path = save_checkpoint(run_dir, step, model, optimizer, state_dict_for(step, done),
-                                   keep=opts.keep_checkpoints)
-        _barrier()
+                                   keep=opts.keep_checkpoints, weights=weights, optimizer_state=optim)
+        par.barrier()
         return path
 
     diverged_at: int | None = None
@@ -550,12 +538,12 @@ def train(
             blend = schedule.blend(step)
             for w in removal:
                 w.first_blend = blend
-            ddp_model.train()
+            wrapped.train()
             removal.set(tracking=True, aux_sites=aux_names if opts.aux_weight > 0 else [], aux_form=opts.aux_form)
             if watch is not None:
                 watch.begin()
             mine = [j for j in range(per_step) if j % world == rank]
-            sums = torch.zeros(4, dtype=torch.float64)
+            sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, aux, kl: means over the global batch
             scale = world / per_step
             for k, j in enumerate(mine):
                 pos = step * per_step + j
@@ -563,10 +551,9 @@ def train(
                 ids = b.input_ids.to(device)  # [batch, pos]
                 mask = b.attention_mask.to(device)  # [batch, pos]
                 torch.manual_seed(opts.seed * 7_919 + pos)  # dropout depends on the micro-batch only
-                sync = contextlib.nullcontext() if not distributed or k == len(mine) - 1 else ddp_model.no_sync()
-                with sync:
-                    with _autocast(device):
-                        out = ddp_model(input_ids=ids, attention_mask=mask, use_cache=False)
+                with par.sync(wrapped, last=k == len(mine) - 1):
+                    with _autocast(device, amp):
+                        out = wrapped(input_ids=ids, attention_mask=mask, use_cache=False)
                     ce = next_token_ce(out.logits, ids)
                     aux = removal.aux_loss() if opts.aux_weight > 0 else None
                     loss = opts.ce_weight * ce
@@ -575,11 +562,12 @@ def train(
                     kl = None
                     if opts.distill_weight > 0:
                         assert teacher is not None
-                        with torch.no_grad(), _autocast(device):
+                        with torch.no_grad(), _autocast(device, amp):
                             t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
                         kl = next_token_kl(out.logits, t_logits)
                         loss = loss + opts.distill_weight * kl
-                    (loss * scale).backward()
+                    with removal.recomputing():  # checkpointed blocks rerun their norms: no second statistics
+                        (loss * scale).backward()
                 if watch is not None:
                     watch.after_forward(b.input_ids)
                 parts = [loss, ce, aux, kl]
@@ -587,13 +575,11 @@ def train(
                                      dtype=torch.float64) / per_step
                 del out, loss
             removal.set(tracking=False, aux_sites=[])
-            pending = removal.pending()
-            if distributed:
-                sums = _all_reduce(sums)
-                pending = _all_reduce(pending)
+            # one collective for the losses and every site's divisor statistics, on the model's device
+            vec = par.all_reduce(torch.cat([sums, removal.pending().cpu()])).cpu()
+            sums, pending = vec[:4], vec[4:]
             params = [p for p in model.parameters() if p.grad is not None]
-            gn = float(torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)) if opts.grad_clip > 0 else float(
-                torch.norm(torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
+            gn = par.grad_norm(params, opts.grad_clip)
             finite = math.isfinite(gn) and math.isfinite(float(sums[0]))
             if finite:
                 removal.commit(pending)
@@ -624,16 +610,22 @@ def train(
                 diverged_at = step + 1 - run_nonfinite
                 checkpoint(step + 1, True)
                 break
-            if flag.requested and not done:
+            # a signal reaches one rank (or each at its own time): the ranks agree, so all stop after this step
+            stop_name = stop_name_of(par.all_reduce(stop_codes(flag)).cpu())
+            if stop_name is not None and not done:
                 path = checkpoint(step + 1, False)
-                raise TrainingStopped(step + 1, path, flag.signame or "request")
+                raise TrainingStopped(step + 1, path, stop_name)
             if done or (opts.save_every and (step + 1) % opts.save_every == 0):
                 checkpoint(step + 1, done)
     skipped = sum(h.skipped for h in history)
     if diverged_at is None and len(history) < opts.steps and history:
         diverged_at = len(history) - run_nonfinite  # a resumed run that had already stopped
+    full_state = None
+    if par.mode == "fsdp":
+        full_state = par.full_model_state(model)
+        full_state = full_state if rank == 0 else None
     return TrainResult(history, removal, schedule, run_dir, resumed_from, skipped, time.perf_counter() - t_start,
-                       diverged_at)
+                       diverged_at, full_state)
 
 
 def site_consumers(layout: Any, removal: Removal) -> dict[str, list[nn.Parameter]]:
@@ -738,16 +730,18 @@ def _append_log(run_dir: Path, log: StepLog) -> None:
 
 
 def _calibrate(model: nn.Module, removal: Removal, batches: list[Any], cursor: DataCursor, per_step: int,
-               rank: int, world: int, device: torch.device) -> None:
+               par: Parallel, amp: torch.dtype | None) -> None:
     """Initialise every site's EMA from step 0's micro-batches (no gradient), so a site may go at step 1."""
     was = model.training
     model.eval()
-    with torch.no_grad(), removal.tracking(_all_reduce if world > 1 else None):
+    with torch.no_grad(), removal.tracking(par.all_reduce if par.distributed else None):
         for j in range(per_step):
-            if j % world != rank:
+            if j % par.world != par.rank:
                 continue
             b = batches[cursor.index(j)]
-            model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+            with _autocast(par.device, amp):
+                model(input_ids=b.input_ids.to(par.device), attention_mask=b.attention_mask.to(par.device),
+                      use_cache=False)
     model.train(was)
 
 
