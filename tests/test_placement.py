@@ -122,6 +122,8 @@ def test_bad_device_map_input_is_one_line_before_loading(command: str, tmp_path:
              (["--device-map", "auto", "--max-memory", "cpu=lots"], "not DEVICE=SIZE"),
              (["--max-memory", "cpu=1GB"], "needs --device-map"),
              (["--device-map", "auto", "--offload-folder", str(a_file)], "is a file")]
+    if not torch.cuda.is_available() and command != "remove-ln":  # remove-ln refuses any --device-map first
+        cases.append((["--device-map", "auto", "--max-memory", "0=20GiB,cpu=60GiB"], "names GPU 0 but this machine"))
     if command == "remove-ln":
         cases.append((["--device-map", "auto"], "drop --device-map"))
     for args, words in cases:

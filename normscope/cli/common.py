@@ -135,12 +135,30 @@ def check_inputs(model_opts: Any, text_opts: Any, *more: Any) -> None:
         from normscope.core.models import resolve_device
 
         resolve_device(model_opts.device)
+    if model_opts.device_map != "none" and model_opts.max_memory:
+        check_max_memory_devices(model_opts.max_memory)
     for p in text_opts.paths or ():
         if not Path(p).exists():
             raise NormscopeError(f"--text {p} does not exist; give a .txt/.jsonl file or a folder of them.")
     if text_opts.seq_len < MEANINGFUL_SEQ_LEN and not quiet_warnings():
         eprint(f"warning: --seq-len {text_opts.seq_len} leaves almost no context: sink rates, angles and losses "
                f"at so few positions say little (Gu et al. measure sinks at T = 64).")
+
+
+def check_max_memory_devices(max_memory: str) -> None:
+    """Refuse, before anything loads, a --max-memory that names a GPU (or MPS) this machine does not have."""
+    import torch
+
+    from normscope.core.options import parse_max_memory
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for dev in parse_max_memory(max_memory):
+        if isinstance(dev, int) and dev >= n_gpus:
+            have = f"GPUs 0-{n_gpus - 1}" if n_gpus > 1 else ("GPU 0" if n_gpus else "no CUDA GPU")
+            raise NormscopeError(f"--max-memory names GPU {dev} but this machine has {have}; name only its devices "
+                                 "(cpu, disk and the GPUs that nvidia-smi lists).")
+        if dev == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise NormscopeError("--max-memory names mps but MPS is not available here; leave it out.")
 
 
 def quiet_warnings() -> bool:

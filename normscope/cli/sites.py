@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from normscope.cli import app
-from normscope.cli.common import Progressor, guarded, out_console, quiet_libraries
+from normscope.cli.common import Progressor, check_max_memory_devices, guarded, out_console, quiet_libraries
 from normscope.cli.options import MODEL, command
 
 
@@ -20,6 +20,8 @@ def _sites(model_opts: Any, as_json: bool) -> None:
     from normscope.core.sites import batch_statistics_norms, find_layout, find_norm_sites, format_sites_table
 
     validate(model_opts)
+    if model_opts.device_map != "none" and model_opts.max_memory:
+        check_max_memory_devices(model_opts.max_memory)
     quiet_libraries()
     m = model_opts
     with Progressor(as_json).status(f"loading {m.model}"):
