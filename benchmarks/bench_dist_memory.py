@@ -3,9 +3,10 @@
 Each configuration runs in fresh processes (``torchrun`` for two) on the same random Llama (seeded config, no
 bundle needed), as the pipeline holds it: the original model (the teacher and the evaluation reference) plus
 the student being trained, AdamW, the same global batch (``--grad-accum 2``). Per rank it reports ``ru_maxrss``
-at three points: after importing torch and transformers (the floor every process pays), after building the two
-models, and at the end of training (the peak). The table gives the peak, the peak above the import floor, and
-that as a ratio to the one-process run measured in the same invocation. On CPU processes use gloo; on a
+after importing torch and transformers (the floor every process pays), after building the two models, before
+the first checkpoint (the training peak) and at the end (with the final checkpoint, which under FSDP gathers the
+full weights and AdamW state onto rank 0's host memory). Each is given above the import floor and as a ratio to
+the one-process run measured in the same invocation. On CPU processes use gloo; on a
 machine with GPUs run it with ``--device cuda`` to read ``torch.cuda.max_memory_allocated`` instead.
 
 Usage::
@@ -63,10 +64,29 @@ def worker(args: argparse.Namespace) -> None:
                         fsdp=args.mode == "fsdp")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # the training peak is read before the first checkpoint: writing one gathers the full weights and AdamW
+    # state of a sharded model onto rank 0's host memory, which is a peak of its own
+    from normscope.removal import dist as D
+
+    T = sys.modules["normscope.removal.train"]  # the package's ``train`` attribute is the function
+
+    before: dict[str, float] = {}
+
+    def first(fn):  # type: ignore[no-untyped-def]
+        def inner(*a, **k):  # type: ignore[no-untyped-def]
+            before.setdefault("train_peak_mib", _mib())
+            if device.type == "cuda":
+                before.setdefault("cuda_train_peak_mib", torch.cuda.max_memory_allocated(device) / 2**20)
+            return fn(*a, **k)
+        return inner
+
+    D.Parallel.full_model_state = first(D.Parallel.full_model_state)  # type: ignore[method-assign]
+    D.Parallel.barrier = first(D.Parallel.barrier)  # type: ignore[method-assign]  # ranks > 0 under DDP
+    T.save_checkpoint = first(T.save_checkpoint)
     # control=True: the wrappers and the loop of the LN-free run, without a schedule to fit into few steps
     res = train(student, layout, sites, sample.batches, opts, Path(args.run_dir), control=True)
     rec = {"mode": args.mode, "rank": int(os.environ.get("RANK", "0")), "floor_mib": floor, "built_mib": built,
-           "peak_mib": _mib(), "n_params": sum(p.numel() for p in original.parameters()),
+           "peak_mib": _mib(), **before, "n_params": sum(p.numel() for p in original.parameters()),
            "loss": [h.loss for h in res.history]}
     if device.type == "cuda":
         rec["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -113,15 +133,18 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     base = next(r for r in rows if r["mode"] == "none")
     key = "cuda_peak_mib" if "cuda_peak_mib" in base else None
-    print(f"{base['n_params'] / 1e6:.1f}M parameters, fp32; per rank: peak RSS, above the import floor, ratio to one "
-          "process" + ("; CUDA peak allocated" if key else ""))
+    print(f"{base['n_params'] / 1e6:.1f}M parameters, fp32; per rank, peak RSS above the import floor (ratio to one "
+          "process)" + ("; CUDA peak allocated" if key else ""))
     for r in rows:
-        above = r["peak_mib"] - r["floor_mib"]
-        line = (f"{r['mode']:>5} rank {r['rank']}: peak {r['peak_mib']:7.0f} MiB, above floor {above:7.0f} MiB "
-                f"({above / (base['peak_mib'] - base['floor_mib']):.2f}x), models built {r['built_mib']:.0f} MiB, "
+        tr, above = r["train_peak_mib"] - r["floor_mib"], r["peak_mib"] - r["floor_mib"]
+        line = (f"{r['mode']:>5} rank {r['rank']}: floor {r['floor_mib']:.0f} MiB; above it: models built "
+                f"{r['built_mib'] - r['floor_mib']:.0f}, training peak {tr:.0f} "
+                f"({tr / (base['train_peak_mib'] - base['floor_mib']):.2f}x), with the final checkpoint {above:.0f} "
+                f"({above / (base['peak_mib'] - base['floor_mib']):.2f}x) MiB; "
                 f"losses {[round(x, 4) for x in r['loss']]}")
         if key:
-            line += f", CUDA {r[key]:.0f} MiB ({r[key] / base[key]:.2f}x)"
+            line += (f"; CUDA training peak {r['cuda_train_peak_mib']:.0f} MiB "
+                     f"({r['cuda_train_peak_mib'] / base['cuda_train_peak_mib']:.2f}x), overall {r[key]:.0f}")
         print(line)
 
 

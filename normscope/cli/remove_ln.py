@@ -30,7 +30,7 @@ from normscope.cli.common import (
     output_dir,
     quiet_libraries,
 )
-from normscope.cli.options import MODEL, OUTPUT, Group, command
+from normscope.cli.options import OUTPUT, Group, command
 from normscope.core.errors import NormscopeError
 from normscope.core.io import slugify
 from normscope.core.options import ModelOptions, OutputOptions, TextOptions, validate
@@ -190,7 +190,7 @@ def _remove_ln(
         "--site-costs", help="First measure each site's CE cost when frozen alone, without training.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing", help="Recompute each block's activations in the backward pass instead of "
-        "keeping them: less memory, about a third more time, the same losses.")] = False,
+        "keeping them: less memory for one more forward pass of each block, the same losses.")] = False,
     fsdp: Annotated[bool, typer.Option(
         "--fsdp", help="Under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2) "
         "instead of a full replica per process (DDP). --log-sites is off with it.")] = False,
@@ -360,10 +360,13 @@ _TRAIN_TEXT = Group("text_opts", TextOptions, "Text", skip=("controls",),
                                        "64, so each step sees longer contexts."),
                            ("max_tokens", "Training tokens to read (default: enough for every step to see new "
                                           "text).")))
+_TRAIN_MODEL = Group("model_opts", ModelOptions, "Model",
+                     notes=(("dtype", "remove-ln keeps float32 weights and AdamW state: bfloat16 trains under bf16 "
+                                      "autocast; float16 is refused (it would need loss scaling)."),))
 _OWN = [p for n, p in inspect.signature(_remove_ln, eval_str=True).parameters.items()
         if n not in ("model_opts", "text_opts", "output_opts")]
-remove_ln = guarded(command([MODEL, _TRAIN_TEXT, OUTPUT], _remove_ln, name="remove-ln", doc=_remove_ln.__doc__ or "",
-                            extra=_OWN))
+remove_ln = guarded(command([_TRAIN_MODEL, _TRAIN_TEXT, OUTPUT], _remove_ln, name="remove-ln",
+                            doc=_remove_ln.__doc__ or "", extra=_OWN))
 app.command("remove-ln", epilog=EPILOG,
             help="Remove every LayerNorm / RMSNorm by fine-tuning (Baroni et al. 2025) and export an LN-free "
                  "model.")(remove_ln)
