@@ -179,8 +179,9 @@ class Parallel:
         barrier()
 
     def wrap(self, model: nn.Module, layout: Any) -> Any:
-        """DDP around ``model``, or ``fully_shard`` on every block and then on the whole model (FSDP2: one
-        all-gather per block). Returns what the loop calls forward on (``model`` itself under FSDP)."""
+        """DDP around ``model``, or ``fully_shard`` on every block (and on untied embedding and unembedding) and
+        then on the whole model (FSDP2: one all-gather per unit). Returns what the loop calls forward on
+        (``model`` itself under FSDP)."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -191,8 +192,12 @@ class Parallel:
 
             self._tied = tied_names(model)
             mesh = init_device_mesh(self.device.type, (self.world,))
-            for b in layout.blocks:
-                fully_shard(b.module, mesh=mesh)
+            units = [b.module for b in layout.blocks]
+            emb, unemb = layout.embed, layout.unembed
+            if unemb is not None and getattr(unemb, "weight", None) is not getattr(emb, "weight", None):
+                units = [emb, *units, unemb]  # untied: their own units, or the root holds them whole all step
+            for u in units:
+                fully_shard(u, mesh=mesh)
             fully_shard(model, mesh=mesh)
         return model
 
