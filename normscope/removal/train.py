@@ -654,10 +654,10 @@ class SiteWatch:
 
     def __init__(self, removal: Removal, consumers: dict[str, list[nn.Parameter]],
                  writers: WriterUpdates | None = None) -> None:
-        self.removal, self.consumers, self.writers = removal, consumers, writers
+        self.removal, self.writers = removal, writers
+        self.consumers = WriterUpdates(consumers)  # the same snapshot-and-compare, for the weights reading a site
         self.peak: dict[str, tuple[float, int]] = {}  # site -> (largest divisor at pos >= 1, its token id)
         self.nonfinite: list[str] = []
-        self.before: dict[str, list[torch.Tensor]] = {}
         self.updated = False
 
     def begin(self) -> None:
@@ -677,13 +677,7 @@ class SiteWatch:
             w.peak, w.nonfinite_input = None, False
 
     def before_update(self) -> None:
-        with torch.no_grad():
-            for k, ps in self.consumers.items():
-                if k not in self.before:
-                    self.before[k] = [p.detach().clone() for p in ps]
-                else:
-                    for q, p in zip(self.before[k], ps, strict=True):
-                        q.copy_(p.detach())
+        self.consumers.snapshot()
         if self.writers is not None:
             self.writers.snapshot()
         self.updated = True
@@ -692,14 +686,7 @@ class SiteWatch:
         rows: dict[str, list[Any]] = {}
         for w in self.removal:
             name = w.site_name
-            rel = None
-            if self.updated and name in self.before:
-                ps = self.consumers[name]
-                with torch.no_grad():
-                    num = sum(float(torch.dist(p.detach(), q)) ** 2 for p, q in zip(ps, self.before[name],
-                                                                                     strict=True))
-                    den = sum(float(q.norm()) ** 2 for q in self.before[name])
-                rel = math.sqrt(num / den) if den > 0 else None
+            rel = self.consumers.relative(name) if self.updated else None
             ref = w.divisor if w.divisor is not None else w.ema
             pk = self.peak.get(name)
             gain = float(w.weight.detach().float().norm()) if w.weight is not None else None
