@@ -40,6 +40,7 @@ from normscope.removal.train import (
     next_token_ce,
     next_token_kl,
     train,
+    warm_start_checkpoint,
 )
 from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen3, tiny_tokenizer
 
@@ -312,6 +313,31 @@ def test_resume_after_a_stop_or_a_kill_gives_the_same_losses(factory, tmp_path):
     shutil.copytree(tmp_path / "full" / "ckpt-000006", killed / "ckpt-000006")
     again, _ = _train(factory, killed, resume=True, **kw)
     assert again.resumed_from == 6 and [h.loss for h in again.history] == losses
+
+
+def test_warm_start_continues_a_finished_removal_with_nothing_left_to_remove(tmp_path):
+    """--init-from: the earlier run's weights and frozen divisors, a fresh optimizer, no schedule; a run whose
+    schedule had not finished is refused (it should be resumed instead)."""
+    first, model_a = _train(tiny_llama, tmp_path / "A" / "ln-free", steps=8)
+    assert first.removal.n_removed() == len(first.removal.wrappers)
+    again, model_b = _train(tiny_llama, tmp_path / "B" / "ln-free", steps=4, init_from=str(tmp_path / "A"))
+    assert len(again.history) == 4 and not again.schedule.events
+    assert all(h.n_removed == len(first.removal.wrappers) and not h.events for h in again.history)
+    a_state, b_state = first.removal.state(), again.removal.state()
+    assert {n: st["divisor"] for n, st in b_state.items()} == {n: st["divisor"] for n, st in a_state.items()}
+    assert all(st["frozen"] and st["ramp"] == 1.0 for st in b_state.values())
+    moved = [not torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(),
+                                                  strict=True)]
+    assert any(moved)  # it trained on from A's weights
+    # the first step's loss is the loss of A's final weights with every site frozen (a fresh model is not)
+    fresh, _ = _train(tiny_llama, tmp_path / "C", steps=8)
+    assert again.history[0].loss != pytest.approx(fresh.history[0].loss, rel=1e-3)
+    with pytest.raises(TrainingStopped):
+        _train(tiny_llama, tmp_path / "half" / "ln-free", steps=8, stop_at=2)
+    with pytest.raises(NormscopeError, match="had not removed every site"):
+        _train(tiny_llama, tmp_path / "D" / "ln-free", steps=4, init_from=str(tmp_path / "half"))
+    with pytest.raises(NormscopeError, match="holds no checkpoint in control/"):
+        warm_start_checkpoint(tmp_path / "A", control=True)
 
 
 def test_checkpoints_are_atomic_and_pruned_and_resume_refuses_mismatches(tmp_path):

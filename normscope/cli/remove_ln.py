@@ -177,6 +177,10 @@ def _remove_ln(
     run_dir: Annotated[Path | None, typer.Option(
         "--run-dir", help="Checkpoints and the exported model. Default: runs/remove-ln/MODEL/.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --run-dir.")] = False,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", help="Warm start from an earlier run's --run-dir whose schedule finished: --steps more "
+        "steps with every site already removed (and its control continued from that run's control), with a fresh "
+        "optimizer and learning-rate schedule; --run-dir must be a new folder.")] = None,
     export: Annotated[bool, typer.Option("--export/--no-export", help="Write the plain LN-free checkpoint.")] = True,
     export_eps: Annotated[float, typer.Option(
         "--export-eps", min=1.0, help="eps of the exported norms: each divides by the constant sqrt(eps) while "
@@ -237,6 +241,11 @@ def _remove_ln(
         if overlap:
             raise NormscopeError(f"{sorted(overlap)[0]} is both training and held-out text; give --eval-text a "
                                  "different file, or the CE table would report on text the model was tuned on.")
+    if init_from is not None and not (init_from / ("control" if only == "control" else "ln-free")).is_dir():
+        raise NormscopeError(f"--init-from {init_from} is not the --run-dir of an earlier remove-ln run (no "
+                             f"{'control' if only == 'control' else 'ln-free'}/ folder in it).")
+    if init_from is not None and run_dir is not None and run_dir.resolve() == init_from.resolve():
+        raise NormscopeError("--init-from and --run-dir name the same folder; give the warm start a new --run-dir.")
     device = rank_device(device)  # under torchrun: this rank's own GPU
     torch.manual_seed(seed)
     model = m.model
@@ -259,6 +268,7 @@ def _remove_ln(
                          first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
                          save_every=save_every, keep_checkpoints=keep_checkpoints,
                          exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard, precision=m.dtype,
+                         init_from=str(init_from) if init_from else None,
                          gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, log_sites=log_sites and not fsdp)
     ropts = RemoveLnOptions(train=topts, control=control, sites=sites, run_dir=rdir, resume=resume, export=export,
                             export_dir=export_dir, site_costs=site_costs, only=only, eps=export_eps)

@@ -256,8 +256,16 @@ def check(lm: Any, opts: RemoveLnOptions) -> None:
     blocks = {b.index: b for b in layout.blocks}
     split = {s.name: opts.train.split_value and s.role == "pre_attn" and s.layer in blocks
              and find_value_path(blocks[s.layer].attn, int(layout.d_model)) is not None for s in chosen}
-    build_schedule(chosen, opts.train.steps, opts.train.schedule, split=split,
-                   first_token=opts.train.first_token and not opts.train.exact_bos)
+    if opts.train.init_from:  # a warm start removes nothing more: it needs no schedule, only the earlier run
+        from normscope.removal.train import warm_start_checkpoint
+
+        if opts.only != "control":
+            warm_start_checkpoint(Path(opts.train.init_from), control=False)
+        if opts.control and opts.only != "ln-free":
+            warm_start_checkpoint(Path(opts.train.init_from), control=True)
+    else:
+        build_schedule(chosen, opts.train.steps, opts.train.schedule, split=split,
+                       first_token=opts.train.first_token and not opts.train.exact_bos)
     if opts.train.gradient_checkpointing and not getattr(lm.model, "supports_gradient_checkpointing", False):
         raise NormscopeError(f"{type(lm.model).__name__} does not support gradient checkpointing in transformers; "
                              "drop --gradient-checkpointing (or lower --batch-size to save memory).")

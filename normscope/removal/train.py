@@ -115,6 +115,11 @@ class TrainOptions:
     aux_anchor: bool = False
     """Give the final norm's aux loss a fixed target, the calibrated mean divisor of positions >= 1 (TaperNorm's
     scale anchor), instead of the batch mean."""
+    init_from: str | None = None
+    """Warm start: the folder of an earlier run (its RUN_DIR). The LN-free run starts from the latest checkpoint
+    of that run's ``ln-free`` part, with its divisors and every site as that run left them (its schedule must
+    have finished), and trains ``steps`` more with nothing left to remove; the control starts from that run's
+    ``control`` part. The optimizer, warmup and cosine start afresh."""
     seed: int = 0
     save_every: int = 50
     """Steps between checkpoints (0: only at the end and on a signal)."""
@@ -385,6 +390,40 @@ def _aux_site_names(removal: Removal, which: str) -> list[str]:
     raise NormscopeError(f"--aux-sites must be final, all or none, not '{which}'.")
 
 
+def warm_start_checkpoint(init_dir: Path, control: bool) -> Path:
+    """The checkpoint a warm start (``--init-from RUN_DIR``) continues: the latest of the earlier run's part."""
+    part = init_dir / ("control" if control else "ln-free")
+    ckpt = latest_checkpoint(part) if part.is_dir() else None
+    if ckpt is None:
+        raise NormscopeError(f"--init-from {init_dir} holds no checkpoint in {part.name}/; give the --run-dir of "
+                             f"an earlier remove-ln run{' that trained a control' if control else ''}.")
+    return ckpt
+
+
+def warm_start(model: nn.Module, removal: Removal, ckpt: Path, fingerprint: dict[str, Any], device: torch.device,
+               control: bool, opts: TrainOptions) -> None:
+    """Load an earlier run's weights and (LN-free) its divisor state; its schedule must have finished."""
+    from safetensors.torch import load_model
+
+    state = read_state(ckpt)
+    if state.get("fingerprint") != fingerprint:
+        theirs_class = state.get("fingerprint", {}).get("class")
+        raise NormscopeError(f"--init-from: {ckpt} was made for another model ({theirs_class}); give the run of "
+                             "this model.")
+    load_model(model, str(ckpt / WEIGHTS_FILE), device=str(device))
+    if control:
+        return
+    theirs = state.get("removal", {})
+    unfinished = [n for n, st in theirs.items() if not (st.get("frozen") and st.get("ramp", 0) >= 1.0 and (
+        not st.get("split_v") or (st.get("frozen_v") and st.get("ramp_v", 0) >= 1.0)))]
+    if set(theirs) != set(removal.wrappers) or unfinished:
+        raise NormscopeError(f"--init-from: the run in {ckpt.parent} had not removed every site "
+                             f"({len(unfinished)} still live or ramping); resume it with --resume instead.")
+    removal.load_state(theirs)
+    for w in removal:  # this run's guard, not the earlier one's
+        w.guard, w.guard_weight = opts.guard, opts.guard_weight
+
+
 def train(
     model: nn.Module,
     layout: Any,
@@ -428,7 +467,7 @@ def train(
     split = {w.site_name: w.split_v for w in removal}
     chosen = [s for s in sites if remove is None or s.name in set(remove)]
     # a control removes nothing: it needs no schedule, and must not be refused for one it would never run
-    schedule = Schedule(opts.steps, []) if control else build_schedule(
+    schedule = Schedule(opts.steps, []) if control or opts.init_from else build_schedule(
         chosen, opts.steps, opts.schedule, split=split, first_token=opts.first_token and not opts.exact_bos)
     for w in removal:
         w.aux_skip_first = opts.fixed_prefix if opts.exact_bos else 0
@@ -482,6 +521,9 @@ def train(
     elif ckpt is not None:
         raise NormscopeError(f"{run_dir} already holds checkpoints of an earlier run; add --resume to continue "
                              "it, or choose another --run-dir.")
+    elif opts.init_from:
+        warm_start(model, removal, warm_start_checkpoint(Path(opts.init_from), control), fingerprint, device,
+                   control, opts)
     else:
         _calibrate(model, removal, batches, cursor, per_step, par, amp)
         if opts.aux_anchor and not control:
