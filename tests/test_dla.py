@@ -81,6 +81,41 @@ def test_dla_and_de_against_recomputing_the_norm(centered: bool) -> None:
     assert torch.allclose(dl.sum(0), logit(r2), rtol=1e-9)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_head_attributions_in_d_head_space_equal_the_full_head_outputs(centered: bool) -> None:
+    """head_dla_and_de never builds [heads, N, d]; it must equal dla_and_de on the explicit head outputs."""
+    gen = torch.Generator().manual_seed(3)
+    n_heads, d_head, d, n = 4, 8, 24, 11
+    z = torch.randn(n, n_heads * d_head, generator=gen)
+    w_o = torch.randn(n_heads * d_head, d, generator=gen) / 5
+    r = torch.randn(n, d, generator=gen) * 2
+    u = torch.randn(n, d, generator=gen)
+    want = dla.dla_and_de(dla.head_outputs(z.double(), w_o.double(), n_heads), r, u, centered=centered, eps=1e-5)
+    got = dla.head_dla_and_de(z, w_o, n_heads, r, u, centered=centered, eps=1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == (n_heads, n) and g.dtype == torch.float64
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_goes_to_the_own_hooks_when_the_bridge_cannot_be_the_reference(tok) -> None:
+    """--backend auto skips the bridge's deep copy when it cannot pay off: a half-precision model (the bridge's
+    1e-3 check would reject it every time) or a copy that does not fit; an explicit bridge in bfloat16 is judged
+    by a tolerance of four bfloat16 roundings."""
+    from normscope.analyses.dla.bridge import BRIDGE_TOLERANCE, auto_skips_bridge, bridge_tolerance
+
+    model = tiny_llama(n_layers=2)
+    size = sum(p.numel() * 4 for p in model.parameters())
+    assert auto_skips_bridge(model, None) is None and auto_skips_bridge(model, 3 * size) is None
+    assert "does not fit" in auto_skips_bridge(model, size)
+    assert bridge_tolerance(torch.float32) == BRIDGE_TOLERANCE
+    assert bridge_tolerance(torch.bfloat16) == pytest.approx(4 * 2**-7)
+    half = tiny_lm(model.to(torch.bfloat16), tok)
+    assert "bfloat16" in auto_skips_bridge(half.model, None)
+    res = dla.run(half, sample(tok, 64), dla.DlaOptions(neurons=0))
+    assert res.payload["backend"] == "direct"
+    assert any("bfloat16" in n for n in res.payload.get("notes", [])) or "bfloat16" in json.dumps(res.payload)
+
+
 def test_nmae() -> None:
     assert dla.nmae(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])) == pytest.approx(100 * 1.0 / 2.5)
     assert dla.nmae(torch.ones(3), torch.ones(3)) == 0.0

@@ -213,6 +213,36 @@ def test_hooks_are_removed_after_run() -> None:
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
+def test_a_pass_without_logits_sees_every_token_and_projects_only_the_last() -> None:
+    """Capture.run(logits=False) (what sinks uses when it reads no logits) passes logits_to_keep=1: the hooks see
+    the same residual stream as a full pass, and the vocabulary projection covers the last position only."""
+    from normscope.core.capture import Capture
+    from normscope.core.sites import find_layout, find_norm_sites
+
+    model = tiny_llama().eval()
+    layout = find_layout(model)
+
+    class Keep:
+        def __init__(self) -> None:
+            self.seen: list[torch.Tensor] = []
+
+        def update(self, x: torch.Tensor, ctx) -> None:
+            self.seen.append(x.detach().clone())
+
+    sample = sample_from_ids(_rows(2, 8), ["x"] * 2)
+    got = {}
+    for logits in (True, False):
+        cap = Capture(model, layout, find_norm_sites(model, layout))
+        keep = cap.add("blocks.1.hook_resid_post", Keep())
+        shapes: list[tuple[int, ...]] = []
+        with cap:
+            cap.run(sample.iter_batches(), on_output=lambda out, ctx: shapes.append(tuple(out.logits.shape)),
+                    logits=logits)
+        got[logits] = (torch.cat(keep.seen), shapes)
+    assert torch.equal(got[True][0], got[False][0])
+    assert all(sh[1] == 8 for sh in got[True][1]) and all(sh[1] == 1 for sh in got[False][1])
+
+
 def test_transformer_lens_bridge_agrees_on_pattern_and_scale(tmp_path) -> None:
     """TransformerLens' ``attn.hook_pattern`` and ``ln1.hook_scale`` give the same numbers as our capture."""
     bridge_mod = pytest.importorskip("transformer_lens.model_bridge")

@@ -365,27 +365,41 @@ class Capture:
         on_output: Callable[[Any, BatchContext], None] | None = None,
         progress: Callable[[int], None] | None = None,
         device: torch.device | str | None = None,
+        logits: bool = True,
     ) -> None:
         """One forward pass per batch under ``torch.no_grad``; every reducer sees every batch once.
 
         ``on_output(outputs, ctx)`` receives the model's output (logits etc.) for statistics such as the loss.
-        ``progress(n_tokens)`` is called after each batch.
+        ``progress(n_tokens)`` is called after each batch. ``logits=False``: the caller reads no logits, so the
+        unembedding runs for the last position only (transformers' ``logits_to_keep=1``, where the model takes
+        it): on SmolLM2 the vocabulary projection is a fifth of a forward pass. Every hook still sees every token.
         """
         if not self._handles:
             self._register()
         dev = device or input_device(self.model)  # the embedding's device (with --device-map, not the first weight's)
+        extra = {"logits_to_keep": 1} if not logits and accepts_logits_to_keep(self.model) else {}
         with torch.no_grad():
             for i, b in enumerate(batches):
                 ids = b.input_ids.to(dev)  # [batch, pos]
                 mask = b.attention_mask.to(dev)  # [batch, pos]
                 self.ctx = BatchContext(ids, mask, list(b.categories), i)
-                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
                 self.settle()
                 if on_output is not None:
                     on_output(out, self.ctx)
                 if progress is not None:
                     progress(int(ids.numel()))
                 self.ctx = None
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs do; encoders do not)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _to_execution_device(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

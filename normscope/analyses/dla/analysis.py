@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from normscope.analyses.base import RunContext
-from normscope.analyses.dla.bridge import boot_bridge, run_bridge
+from normscope.analyses.dla.bridge import auto_skips_bridge, boot_bridge, run_bridge
 from normscope.analyses.dla.direct import run_direct
 from normscope.analyses.dla.metrics import (
     entropy,
@@ -55,6 +55,7 @@ from normscope.analyses.dla.reducers import AttributionStats, Stash, Totals
 from normscope.analyses.dla.report import figures, summary
 from normscope.core.capture import BatchContext, Capture
 from normscope.core.errors import NormscopeError
+from normscope.core.models import available_memory_bytes
 from normscope.core.nonfinite import flag_nonfinite
 from normscope.core.placement import is_placed, resident
 from normscope.core.progress import progress_task as _task
@@ -104,6 +105,8 @@ def run(ctx: RunContext, opts: DlaOptions) -> Result:
                                  "--device-map cannot give; rerun with --backend direct.")
         notes.append("The model is spread with --device-map, so the numbers come from normscope's own hooks (the "
                      "TransformerLens bridge needs its own copy of the model).")
+    elif opts.backend == "auto" and (why := auto_skips_bridge(lm.model, available_memory_bytes(lm.info.device))):
+        notes.append(f"The numbers come from normscope's own hooks: {why}.")
     elif opts.backend in ("auto", "bridge"):
         t0 = time.perf_counter()
         try:

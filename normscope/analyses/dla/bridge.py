@@ -18,16 +18,40 @@ from normscope.analyses.dla.plan import Plan
 from normscope.analyses.dla.reducers import AttributionStats, Totals
 from normscope.core.nonfinite import note_nonfinite
 
-__all__ = ["BRIDGE_TOLERANCE", "boot_bridge", "bridge_attributions", "crosscheck_direct", "run_bridge"]
+__all__ = ["BRIDGE_TOLERANCE", "auto_skips_bridge", "boot_bridge", "bridge_attributions", "bridge_tolerance",
+           "crosscheck_direct", "run_bridge"]
 
-BRIDGE_TOLERANCE = 1e-3  # largest relative difference between the bridge and the model that is accepted
+BRIDGE_TOLERANCE = 1e-3  # largest relative difference between the bridge and the model that is accepted (fp32)
+
+
+def bridge_tolerance(dtype: torch.dtype) -> float:
+    """The accepted relative difference for a model in ``dtype``: ``BRIDGE_TOLERANCE`` in float32, four
+    roundings of the format in half precision (bfloat16's 2^-7 would fail a 1e-3 check on every model, since the
+    bridge and the model round their sums in different orders)."""
+    return max(BRIDGE_TOLERANCE, 4 * torch.finfo(dtype).eps) if dtype in (torch.bfloat16, torch.float16) \
+        else BRIDGE_TOLERANCE
+
+
+def auto_skips_bridge(model: torch.nn.Module, free_bytes: int | None) -> str | None:
+    """Why ``--backend auto`` goes straight to normscope's own hooks, or None to try the bridge: the bridge needs a
+    deep copy of the model (its own weights to fold), which must fit in the free memory with room for a pass, and
+    in half precision it is not the reference the own hooks are checked against but a second rounding of them."""
+    param = next(model.parameters())
+    if param.dtype in (torch.bfloat16, torch.float16):
+        return (f"the model is in {str(param.dtype).removeprefix('torch.')}, where TransformerLens' bridge only "
+                "rounds differently from the model (--backend bridge to use it anyway)")
+    size = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    if free_bytes is not None and 2 * size > free_bytes:
+        return (f"TransformerLens' bridge needs its own copy of the model ({size / 2**30:.1f} GiB), which does not "
+                f"fit twice in the {free_bytes / 2**30:.1f} GiB free (--backend bridge to try it anyway)")
+    return None
 
 
 def crosscheck_direct(lm: Any, plan: Plan, ids: torch.Tensor, mask: torch.Tensor,
                       bridge_res: dict[str, Any]) -> dict[str, Any]:
     """Largest differences between the bridge's logits and DLA and the model's own on one batch.
 
-    ``agrees`` is False when either differs by more than ``BRIDGE_TOLERANCE`` of its largest magnitude.
+    ``agrees`` is False when either differs by more than :func:`bridge_tolerance` of its largest magnitude.
     """
     d = direct_attributions(lm, plan, ids, mask)
     max_dla = float(d["dla"].abs().max()) or 1.0
@@ -40,8 +64,9 @@ def crosscheck_direct(lm: Any, plan: Plan, ids: torch.Tensor, mask: torch.Tensor
         "max_abs_logit": max_logit,
         "tokens": int(bridge_res["sel"].sum()),
     }
-    out["agrees"] = (out["max_abs_dla_diff"] <= BRIDGE_TOLERANCE * max_dla
-                     and out["max_abs_logit_diff"] <= BRIDGE_TOLERANCE * max_logit)
+    tol = bridge_tolerance(next(lm.model.parameters()).dtype)
+    out["tolerance"] = tol
+    out["agrees"] = out["max_abs_dla_diff"] <= tol * max_dla and out["max_abs_logit_diff"] <= tol * max_logit
     return out
 
 

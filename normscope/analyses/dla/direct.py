@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from normscope.analyses.dla.metrics import dla_and_de, head_outputs, next_token_targets, predicted_positions
+from normscope.analyses.dla.metrics import dla_and_de, head_dla_and_de, next_token_targets, predicted_positions
 from normscope.analyses.dla.plan import Plan, input_hooks
 from normscope.analyses.dla.reducers import AttributionStats, Stash, Totals
 from normscope.core.capture import BatchContext, Capture
@@ -66,11 +66,11 @@ class DirectHooks:
         dlas, des = [], []
         for i in range(plan.layout.n_layers):
             z = self.store[i].to(r.device)  # [batch, pos, n_heads * d_head]
-            heads = head_outputs(z[sel].float(), plan.w_o[i].float().to(r.device), plan.n_heads)
-            comps = torch.cat([heads, self.mlp_out(i).to(r.device)[sel].float()[None]], dim=0)  # [H + 1, N, d]
-            a, e = dla_and_de(comps, r, u, centered=plan.final.centered, eps=plan.final.eps)
-            dlas.append(a)
-            des.append(e)
+            kw = {"centered": plan.final.centered, "eps": plan.final.eps}
+            a_h, e_h = head_dla_and_de(z[sel], plan.w_o[i].to(r.device), plan.n_heads, r, u, **kw)  # [H, N]
+            a_m, e_m = dla_and_de(self.mlp_out(i).to(r.device)[sel][None], r, u, **kw)  # [1, N]
+            dlas += [a_h, a_m]
+            des += [e_h, e_m]
         return torch.cat(dlas).cpu(), torch.cat(des).cpu()
 
 

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ENTROPY_NEURON_MAX_CE_RATIO", "dla_and_de", "entropy", "entropy_neuron_scores",
+__all__ = ["ENTROPY_NEURON_MAX_CE_RATIO", "dla_and_de", "entropy", "head_dla_and_de", "entropy_neuron_scores",
            "entropy_neuron_verdict", "head_outputs", "next_token_targets", "nmae", "predicted_positions"]
 
 ENTROPY_NEURON_MAX_CE_RATIO = 0.5
@@ -44,17 +44,49 @@ def dla_and_de(comps: torch.Tensor, resid: torch.Tensor, u: torch.Tensor, *, cen
     if centered:
         c = c - c.mean(dim=-1, keepdim=True)
         r = r - r.mean(dim=-1, keepdim=True)
-    d = r.shape[-1]
-    rr = r.pow(2).sum(dim=-1)  # [N]
-    s = torch.sqrt(rr / d + eps)  # [N]
     cu = torch.einsum("cnd,nd->cn", c, uu)  # [C, N]
     cr = torch.einsum("cnd,nd->cn", c, r)  # [C, N]
     cc = torch.einsum("cnd,cnd->cn", c, c)  # [C, N]
-    ru = (r * uu).sum(dim=-1)  # [N]
+    return _dla_de_from_products(cu, cr, cc, r.pow(2).sum(dim=-1), (r * uu).sum(dim=-1), r.shape[-1], eps)
+
+
+def _dla_de_from_products(cu: torch.Tensor, cr: torch.Tensor, cc: torch.Tensor, rr: torch.Tensor, ru: torch.Tensor,
+                          d: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DLA and DE ``[C, N]`` from the dot products c.u, c.r, c.c ``[C, N]`` and r.r, r.u ``[N]`` (the
+    component, residual and target-direction vectors never needed again)."""
+    s = torch.sqrt(rr / d + eps)  # [N]
     s_without = torch.sqrt(((rr - 2 * cr + cc) / d).clamp_min(0) + eps)  # [C, N]: |r - c|^2 expanded
-    dla = cu / s
-    de = ru / s - (ru - cu) / s_without
-    return dla, de
+    return cu / s, ru / s - (ru - cu) / s_without
+
+
+def head_dla_and_de(z: torch.Tensor, w_o: torch.Tensor, n_heads: int, resid: torch.Tensor, u: torch.Tensor, *,
+                    centered: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dla_and_de` of every attention head, computed in d_head space: equal to
+    ``dla_and_de(head_outputs(z, w_o, n_heads), resid, u, ...)`` without building the ``[heads, N, d]`` head
+    outputs (at Llama-3-8B's 32 heads, 8,192 predictions and d = 4,096 that tensor is 8.6 GB in float64).
+
+    With c_h = z_h W_O[h]: c_h.u = z_h.(W_O[h] u), c_h.r = z_h.(W_O[h] r) and c_h.c_h = z_h^T (W_O[h] W_O[h]^T) z_h;
+    a centring final norm (LayerNorm) centres u and r, and subtracts d * mean(c_h)^2 = d * (z_h . W_O[h] 1 / d)^2
+    from c_h.c_h. z: ``[N, n_heads * d_head]``; w_o: ``[n_heads * d_head, d]``; resid, u: ``[N, d]``.
+    Returns ``(dla, de)``, each ``[n_heads, N]`` float64.
+    """
+    n, hd = z.shape
+    d_head = hd // n_heads
+    zh = z.double().reshape(n, n_heads, d_head)  # [N, H, d_head]
+    wh = w_o.double().reshape(n_heads, d_head, -1)  # [H, d_head, d]
+    r, uu = resid.double(), u.double()
+    if centered:
+        r = r - r.mean(dim=-1, keepdim=True)
+        uu = uu - uu.mean(dim=-1, keepdim=True)
+    d = r.shape[-1]
+    cu = torch.einsum("nhe,nhe->hn", zh, torch.einsum("hed,nd->nhe", wh, uu))  # [H, N]
+    cr = torch.einsum("nhe,nhe->hn", zh, torch.einsum("hed,nd->nhe", wh, r))  # [H, N]
+    gram = torch.einsum("hed,hfd->hef", wh, wh)  # [H, d_head, d_head]
+    cc = torch.einsum("nhe,hef,nhf->hn", zh, gram, zh)  # [H, N]
+    if centered:
+        mean_c = torch.einsum("nhe,he->hn", zh, wh.mean(dim=-1))  # [H, N] mean over d of c_h
+        cc = cc - d * mean_c.pow(2)
+    return _dla_de_from_products(cu, cr, cc, r.pow(2).sum(dim=-1), (r * uu).sum(dim=-1), d, eps)
 
 
 def nmae(dla: torch.Tensor, de: torch.Tensor) -> float:

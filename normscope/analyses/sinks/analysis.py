@@ -163,11 +163,11 @@ def run(ctx: RunContext, opts: SinksOptions) -> Result:
                               ResidualReducer(b.index, opts.massive_threshold, opts.massive_ratio))
              for b in layout.blocks}
     outl = {s.name: cap.add(f"{s.name}.hook_in", OutlierReducer(s, opts.top_k)) for s in sites}
-    loss = LossMeter() if opts.ablate else None  # the ablations' baseline; 6% of a pass otherwise
+    loss = LossMeter() if opts.ablate else None  # the ablations' baseline; otherwise no logits are needed
     n_passes = 1 + (3 if opts.ablate else 0)
     total = sample.n_tokens * n_passes
     with _task(progress, "sinks", total) as advance, cap:
-        cap.run(sample.iter_batches(), on_output=loss, progress=advance)
+        cap.run(sample.iter_batches(), on_output=loss, progress=advance, logits=loss is not None)
         nonfinite = cap.nonfinite_report()  # of the measuring pass only, not of the ablations' edited passes
         path: dict[str, Any] = {"path": cap.attention_path, "reason": cap.attention_reason}
         cap.remove()
