@@ -236,7 +236,7 @@ def test_a_pass_without_logits_sees_every_token_and_projects_only_the_last() -> 
         keep = cap.add("blocks.1.hook_resid_post", Keep())
         shapes: list[tuple[int, ...]] = []
         with cap:
-            cap.run(sample.iter_batches(), on_output=lambda out, ctx: shapes.append(tuple(out.logits.shape)),
+            cap.run(sample.iter_batches(), on_output=lambda out, ctx, sh=shapes: sh.append(tuple(out.logits.shape)),
                     logits=logits)
         got[logits] = (torch.cat(keep.seen), shapes)
     assert torch.equal(got[True][0], got[False][0])
