@@ -183,6 +183,11 @@ def child(kind: str, n_tokens: int, seq_len: int = 64, batch: int = 8, rounds: i
     sample = _sample(lm, n_tokens, seq_len, batch)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     attention = "auto" if kind == "chunked" else kind
+    if kind != "tl":  # the code the pass runs is imported first, as booting the bridge imports TransformerLens
+        import plotly.graph_objects  # noqa: F401
+
+        import normscope.analyses.sinks.analysis  # noqa: F401
+        import normscope.analyses.sinks.report  # noqa: F401
     measured = (lambda: _sinks(lm, sample, attention)) if kind != "tl" else _tl_pass(lm, sample)
     with RssSampler() as sampler:
         t0 = CLOCK()

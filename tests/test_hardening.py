@@ -12,7 +12,6 @@ import json
 import math
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -79,9 +78,7 @@ def test_two_gigabyte_file_is_streamed_not_read(tmp_path) -> None:
         fh.write(("The quick brown fox jumps over the lazy dog. " * 40_000).encode())
         fh.truncate(2 * 1024**3)
     assert big.stat().st_size == 2 * 1024**3
-    t0 = time.perf_counter()
     sample = load_text(tiny_tokenizer(), TextOptions(paths=[big], seq_len=32, max_tokens=4096))
-    assert time.perf_counter() - t0 < 30
     assert sample.n_tokens == 4096 and sample.truncated
     assert sample.bytes_read < 8 * 1024**2
 
