@@ -19,6 +19,7 @@ Every figure is a ratio against a baseline measured in the same run, on the same
     python benchmarks/bench_sinks.py --quick          # fewer rounds and tokens (the sweep keeps 4,096 per batch)
     python benchmarks/bench_sinks.py --threads 1      # pin torch threads (a machine shared with other jobs)
     python benchmarks/bench_sinks.py --only sweep     # one part: speed, sweep or tl
+    python benchmarks/bench_sinks.py --only sweep --fixed-mmap   # memory that follows the live tensors
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 CLOCK = time.perf_counter  # --cpu-time: time.process_time, for a machine whose other jobs take most of the CPU
 CPU_FLAG: list[str] = []  # passed on to the child processes
+CHILD_ENV: dict[str, str] = {}  # --fixed-mmap: glibc's mmap threshold for the child processes
 
 
 def _sample(lm, n_tokens: int, seq_len: int = 64, batch_size: int = 8):
@@ -212,7 +214,7 @@ def child(kind: str, n_tokens: int, seq_len: int = 64, batch: int = 8, rounds: i
 def _spawn(kind: str, n_tokens: int, threads: int, seq_len: int = 64, batch: int = 8, rounds: int = 2) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, str(n_tokens), str(seq_len), str(batch), str(rounds),
            "--threads", str(threads), *CPU_FLAG]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **CHILD_ENV})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -250,6 +252,12 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the process's CPU time (use with --threads 1 where other jobs hold the CPU)")
     ap.add_argument("--seq-lens", default="64,512,2048,4096", help="the sweep's T values")
+    ap.add_argument("--fixed-mmap", action="store_true",
+                    help="child processes with glibc's mmap threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_), so "
+                    "that a freed tensor leaves the resident set and RSS follows the live tensors; without it glibc "
+                    "raises the threshold after the first large free and keeps freed memory on its heap, and RSS "
+                    "then measures the allocator's history (up to 1 GiB here). Slows allocation: use it for memory, "
+                    "not speed")
     ap.add_argument("--sweep-rounds", type=int, default=None, help="plain/sinks rounds per sweep process")
     ap.add_argument("--child", nargs=5, metavar=("KIND", "TOKENS", "T", "BATCH", "ROUNDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -264,6 +272,8 @@ def main() -> None:
         global CLOCK
         CLOCK = time.process_time
         CPU_FLAG.append("--cpu-time")
+    if args.fixed_mmap:
+        CHILD_ENV["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
     if args.child:
         kind, *nums = args.child
         child(kind, *map(int, nums))
