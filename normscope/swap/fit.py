@@ -3,7 +3,7 @@
 The fit (one pass over calibration text, no gradient): for every site, with ``x`` its input and ``y`` the norm's
 output on the same token, DyT and Derf take the alpha (one scalar per site, on a log grid of 33 values from
 0.01 to 10 over the site's typical input RMS) and the per-dimension ``gamma`` (and ``beta`` where the norm has a
-bias) that minimise ``sum_t ||f(x_t) - y_t||^2`` over the calibration tokens at positions >= 1. For a fixed
+bias) that minimise ``sum_t ||f(x_t) - y_t||^2`` over every calibration token. For a fixed
 alpha this is an ordinary least-squares problem per dimension with the closed form
 
     gamma_j = S_yt / S_tt                              (no beta)
@@ -14,9 +14,12 @@ the hooks keep only ``[grid, d]`` running sums per site and the grid is searched
 calibration batch sets each site's grid from its input RMS. SeeDNorm needs no fit: with ``beta = 0`` it is the
 RMSNorm site itself (``gamma`` = the norm's weight).
 
-Position 0 is left out of the fit: on SmolLM2 it carries a massive activation (about 24,000 in dim 507, an RMS
-about 170x that of other tokens), where ``tanh(alpha x)`` saturates; the bounded output is harmless, but one such
-token per window would pull the fit of the 127 ordinary ones. Its error is reported on its own.
+Position 0 stays in the fit. On SmolLM2 it carries a massive activation (about 24,000 in dim 507, an RMS about
+170x that of other tokens), where ``tanh(alpha x)`` saturates. Fitted on the ordinary tokens alone, the middle
+layers' alpha falls to the linear end of the grid (alpha x RMS about 0.01): the best fit for 127 ordinary tokens,
+but every large token then comes out tens of times too large (measured: the whole model swapped at once, CE 281
+against 3.76). With position 0 in the sums alpha x RMS rises to 0.4-0.7 there, saturating, and that CE falls to
+175 (45 with ``--exact-bos``). Its error is also reported on its own.
 
 The error table: on held-out calibration tokens (the first batches of the held-out text), the relative error
 ``sqrt(sum ||f(x) - y||^2 / sum ||y||^2)`` of each site alone (its input from the original model), for the fitted
@@ -82,9 +85,9 @@ class _Consume:
 class GridSums(_Pair):
     """Running least-squares sums of one site for every alpha of its grid (see the module docstring)."""
 
-    def __init__(self, fn: str, with_beta: bool, points: int = 33) -> None:
+    def __init__(self, fn: str, with_beta: bool, points: int = 33, skip_first: bool = False) -> None:
         super().__init__()
-        self.fn, self.with_beta, self.points = fn, with_beta, points
+        self.fn, self.with_beta, self.points, self.skip_first = fn, with_beta, points, skip_first
         self.grid: torch.Tensor | None = None  # [G] float64
         self.st: torch.Tensor | None = None  # [G, d] sum of t
         self.stt: torch.Tensor | None = None  # [G, d] sum of t^2
@@ -95,11 +98,12 @@ class GridSums(_Pair):
         self.rms_sum, self.rms_n = 0.0, 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> None:
-        _, xr = _tokens(x, ctx)  # [n, d]
-        _, yr = _tokens(y, ctx)
+        (x0, xr), (y0, yr) = _tokens(x, ctx), _tokens(y, ctx)  # [n0, d], [n, d]
+        if not self.skip_first:  # every token counts, position 0 included
+            xr, yr = torch.cat([x0, xr]), torch.cat([y0, yr])
         if xr.shape[0] == 0:
             return
-        rms = xr.pow(2).mean(dim=-1).sqrt()  # [n]
+        rms = _tokens(x, ctx)[1].pow(2).mean(dim=-1).sqrt()  # [n] the grid's scale: ordinary tokens
         self.rms_sum += float(rms.double().sum())
         self.rms_n += int(rms.numel())
         if self.grid is None:

@@ -50,7 +50,9 @@ def derf(x: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor, gamma: torch
 
 def seednorm(x: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, eps: float,
              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``[tanh(x . beta) * alpha + gamma] * x / sqrt(mean(x^2) + eps)`` (+ ``bias``). x ``[..., d]``, the rest ``[d]``."""
+    """``[tanh(x . beta) * alpha + gamma] * x / sqrt(mean(x^2) + eps)`` (+ ``bias``).
+
+    x ``[..., d]``, the rest ``[d]``."""
     inv = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., 1]
     scale = torch.tanh(x @ beta)[..., None] * alpha + gamma  # [..., d]: one tanh per token, times alpha
     y = scale * x * inv

@@ -154,6 +154,11 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: SwapOptions | None =
     if opts.control and have_c and not opts.resume and finished_state(cpart) is None:
         raise NormscopeError(f"{cpart} holds an unfinished control; add --resume to continue it.")
     topts = opts.train
+    if topts.exact_bos:
+        from normscope.removal.pipeline import check_fixed_prefix
+
+        check_fixed_prefix(train_sample, topts.fixed_prefix, "training")
+        check_fixed_prefix(eval_sample, topts.fixed_prefix, "held-out")
     extra = {"model_spec": lm.info.spec, "train_text": train_sample.to_dict(), "swap_target": target}
 
     # fit and per-site error, on the original model's activations
@@ -170,6 +175,8 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: SwapOptions | None =
     # the whole model swapped, before any training
     student = copy.deepcopy(original)
     rem = _install(student, fns, names)
+    for w in rem:
+        w.n_fixed = topts.fixed_prefix if topts.exact_bos else 0
     scored: dict[str, ev.TokenLosses] = {}
     with progress.task("scoring the untrained swap", eval_sample.n_tokens) as adv:
         untrained = ev.per_token_losses(student, eval_sample, progress=adv)

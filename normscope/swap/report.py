@@ -94,11 +94,12 @@ def _summary(lm: Any, eval_sample: Any, opts: SwapOptions, label: str, ce: pd.Da
         ratio = sites["input_rms_pos0"] / sites["input_rms"]
         i = int(ratio.idxmax())
         r = sites.loc[i]
-        out.append(f"Position 0: at {r['site']} its input RMS is {r['input_rms_pos0']:.3g} against {r['input_rms']:.3g} "
-                   f"for other tokens ({ratio[i]:.0f}x, the massive activation of Sun et al. 2024). A bounded "
+        out.append(f"Position 0: at {r['site']} its input RMS is {r['input_rms_pos0']:.3g} against "
+                   f"{r['input_rms']:.3g} for other tokens ({ratio[i]:.0f}x, the massive activation of Sun et al. "
+                   "2024). A bounded "
                    f"function saturates there (tanh(alpha x) = +-1 in the massive dims), which keeps it finite but "
                    f"not equal to the norm: the relative error at position 0 is {r['rel_error_pos0']:.3f} at that "
-                   "site. The fit leaves position 0 out.")
+                   "site (the fit includes it; --exact-bos keeps the norm there).")
     if res.diverged_at is not None:
         out.append(f"Training diverged: from step {res.diverged_at} every step overflowed; lower --lr or use "
                    "--ramp-steps.")

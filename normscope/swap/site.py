@@ -7,6 +7,13 @@ switches it, its output is ``(1 - g) * norm(x) + g * f(x)`` with the gate ``g`` 
 norm's output to the swapped one). The function's parameters are a child module of the wrapper, so they join the
 model's ``state_dict`` (checkpoints, resume) and the optimizer like every other weight; the norm's own gain
 stays registered (it feeds the live path while the gate is open).
+
+With ``n_fixed`` > 0 (``--exact-bos``) the first ``n_fixed`` positions keep the original norm: with a fixed BOS
+and causal attention, position 0's trajectory is the same for every input (see :mod:`normscope.removal.frozen`),
+so its normalised value is a constant, which a deployment stores once (remove-ln's BOS key/value prefix). This
+matters on SmolLM2: position 0's massive activation (about 24,000 in dim 507) saturates ``tanh``, and a bounded
+function cannot also shrink the other dims as the divisor did, so position 0's keys and values (the attention
+sink every other token reads) change.
 """
 
 from __future__ import annotations
@@ -39,12 +46,15 @@ class SwapNorm(FrozenNorm):
             raise ValueError(f"a swapped site has one path, not {path!r}")
         self.frozen, self.frozen_at = True, step
 
-    def _frozen_out(self, x: torch.Tensor, ramp: float = 1.0) -> torch.Tensor:  # x: [..., d]
-        y = self.swap(x)  # [..., d]
-        if ramp >= 1.0:
-            return y
-        live = self._live(x)
-        return live + ramp * (y - live)  # (1 - g) * norm(x) + g * f(x)
+    def _frozen_out(self, x: torch.Tensor, ramp: float = 1.0) -> torch.Tensor:  # x: [batch, pos, ..., d]
+        y = self.swap(x)  # [batch, pos, ..., d]
+        if ramp < 1.0:
+            live = self._live(x)
+            y = live + ramp * (y - live)  # (1 - g) * norm(x) + g * f(x)
+        if self.n_fixed and x.dim() >= 3:  # exact BOS: the fixed prefix keeps the norm (see swap --exact-bos)
+            k = min(self.n_fixed, x.shape[1])
+            y = torch.cat([self._live(x[:, :k]), y[:, k:]], dim=1)
+        return y
 
 
 class SwapWrappers:
