@@ -82,8 +82,8 @@ def test_seednorm_at_init_is_the_rmsnorm_site_and_the_swapped_model_gives_the_sa
 
 
 # ---- the fit --------------------------------------------------------------------------------------------------
-def _site_activations(model, layout, site, batches):
-    """Every (input, output) row of one site at positions >= 1, kept whole (only a test can afford that)."""
+def _site_activations(model, layout, site, batches, start=0):
+    """Every (input, output) row of one site at positions >= start, kept whole (only a test can afford that)."""
     xs, ys = [], []
 
     class Keep:
@@ -91,7 +91,7 @@ def _site_activations(model, layout, site, batches):
             self.into = into
 
         def update(self, x, ctx):
-            self.into.append(x[:, 1:].reshape(-1, x.shape[-1]).float())
+            self.into.append(x[:, start:].reshape(-1, x.shape[-1]).float())
 
     cap = Capture(model, layout, [site])
     cap.add(f"{site.name}.hook_in", Keep(xs))
@@ -107,12 +107,12 @@ def test_fit_is_the_least_squares_optimum_on_its_grid_and_beats_the_naive_init(f
     batches = _sample(8, 16).batches
     inits = fit_sites(model, layout, sites, target, batches)
     site = sites[1]
-    x, y = _site_activations(model, layout, site, batches)  # [n, d]
+    x, y = _site_activations(model, layout, site, batches)  # [n, d]: the fit counts every token
     act = torch.tanh if target == "dyt" else torch.erf
     fn = inits[site.name].fn
     a = float(fn.alpha.detach())
-    x0, _ = _site_activations(model, layout, site, batches[:1])
-    grid = alpha_grid(float(x0.pow(2).mean(-1).sqrt().double().mean()))  # the first batch sets the grid
+    x0, _ = _site_activations(model, layout, site, batches[:1], start=1)
+    grid = alpha_grid(float(x0.pow(2).mean(-1).sqrt().double().mean()))  # the first batch's ordinary tokens
     assert any(abs(a - float(g)) < 1e-6 * abs(a) for g in grid)  # alpha is a grid point (stored as float32)
 
     def best_sse(alpha):  # a direct least-squares solve per dimension
@@ -148,8 +148,8 @@ def test_grid_sums_match_the_direct_sums():
     ctx = BatchContext(torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6, dtype=torch.long), ["a", "a"], 0)
     s = GridSums("tanh", with_beta=True, points=5)
     s.add(x, y, ctx)
-    xr, yr = x[:, 1:].reshape(-1, 4), y[:, 1:].reshape(-1, 4)  # position 0 is left out
-    assert s.n == 10
+    xr, yr = x.reshape(-1, 4), y.reshape(-1, 4)  # every token, position 0 included
+    assert s.n == 12
     t = torch.tanh(float(s.grid[2]) * xr)
     assert torch.allclose(s.syt[2].float(), (yr * t).sum(0), atol=1e-5)
     assert torch.allclose(s.stt[2].float(), t.pow(2).sum(0), atol=1e-5)
