@@ -125,14 +125,14 @@ def test_fit_is_the_least_squares_optimum_on_its_grid_and_beats_the_naive_init(f
             sse += float((A @ sol - y[:, j].double()[:, None]).pow(2).sum())
         return sse
 
-    sse_fit = float((fn(x) - y).double().pow(2).sum())
+    sse_fit = float((fn(x).detach() - y).double().pow(2).sum())
     assert sse_fit == pytest.approx(best_sse(a), rel=1e-4)  # closed-form gamma (and beta) = lstsq's
     assert all(sse_fit <= best_sse(float(g)) * (1 + 1e-4) for g in grid[::4])  # and no grid alpha does better
     w = getattr(site.module, "weight", None)
     b = getattr(site.module, "bias", None)
     naive = make_function(target, site, w, b, x.shape[1])
     assert float(naive.alpha.detach()) == 0.5
-    sse_naive = float((naive(x) - y).double().pow(2).sum())
+    sse_naive = float((naive(x).detach() - y).double().pow(2).sum())
     assert sse_fit < 0.5 * sse_naive
     tab = error_table(model, layout, sites, target, inits, _sample(4, 16, seed=3).batches)
     assert (tab["rel_error"] < tab["rel_error_naive"]).all()
