@@ -1,5 +1,5 @@
 """The ``normscope`` command line: one generated command per registered analysis, plus ``report``, ``compare``,
-``sites``, ``remove-ln`` and ``rewrite`` (the math lives in the analysis packages)."""
+``sites``, ``remove-ln``, ``swap`` and ``rewrite`` (the math lives in the analysis packages)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,4 @@ from normscope.cli import commands as _commands  # noqa: E402,F401  (registers t
 from normscope.cli import remove_ln as _remove_ln  # noqa: E402,F401
 from normscope.cli import rewrite as _rewrite  # noqa: E402,F401
 from normscope.cli import sites as _sites  # noqa: E402,F401
+from normscope.cli import swap as _swap  # noqa: E402,F401

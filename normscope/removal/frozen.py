@@ -425,7 +425,10 @@ class Removal:
     """All the frozen-divisor wrappers of one model; install on construction, :meth:`uninstall` to undo."""
 
     def __init__(self, model: nn.Module, layout: Any, sites: list[Any], *, momentum: float = 0.9,
-                 first_token: bool = True, split_value: bool = True) -> None:
+                 first_token: bool = True, split_value: bool = True,
+                 wrapper: Callable[..., FrozenNorm] = FrozenNorm) -> None:
+        """``wrapper(original, site, momentum=..., first_token=...)`` builds each site's wrapper: a
+        :class:`FrozenNorm`, or a subclass that replaces the frozen output (``normscope.swap``)."""
         self.model = model
         self.sites = list(sites)
         self.wrappers: dict[str, FrozenNorm] = {}
@@ -435,7 +438,7 @@ class Removal:
         for site in self.sites:
             parent, attr = _parent(model, site.path)
             original = getattr(parent, attr)
-            w = FrozenNorm(original, site, momentum=momentum, first_token=first_token)
+            w = wrapper(original, site, momentum=momentum, first_token=first_token)
             setattr(parent, attr, w)
             self.wrappers[site.name] = w
             self._originals[site.path] = original

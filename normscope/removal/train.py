@@ -439,6 +439,9 @@ def train(
     progress: Callable[[StepLog], None] | None = None,
     stop: StopFlag | None = None,
     extra_state: dict[str, Any] | None = None,
+    wrapper: Callable[..., Any] | None = None,
+    schedule: Schedule | None = None,
+    identity_extra: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place while its norm ``sites`` are removed on schedule (never when ``control``).
 
@@ -448,6 +451,11 @@ def train(
     original model, eval mode) is needed when
     ``opts.distill_weight`` > 0. The wrappers stay installed on return (``result.removal``), ready for export
     (under FSDP the model stays sharded, and rank 0 gets the full weights in ``result.full_state``).
+
+    Other uses of the same loop (``normscope swap``): ``wrapper`` builds each site's wrapper instead of
+    :class:`~normscope.removal.frozen.FrozenNorm` (see :class:`~normscope.removal.frozen.Removal`), ``schedule``
+    replaces the removal schedule (a control ignores both), and ``identity_extra`` joins the settings a resume
+    must share.
     """
     device = next(model.parameters()).device
     amp = autocast_dtype(device, opts.precision)
@@ -463,12 +471,15 @@ def train(
         enable_gradient_checkpointing(model)
     torch.manual_seed(opts.seed)
     removal = Removal(model, layout, sites, momentum=opts.momentum, first_token=opts.first_token,
-                      split_value=opts.split_value)
+                      split_value=opts.split_value, **({"wrapper": wrapper} if wrapper and not control else {}))
     split = {w.site_name: w.split_v for w in removal}
     chosen = [s for s in sites if remove is None or s.name in set(remove)]
     # a control removes nothing: it needs no schedule, and must not be refused for one it would never run
-    schedule = Schedule(opts.steps, []) if control or opts.init_from else build_schedule(
-        chosen, opts.steps, opts.schedule, split=split, first_token=opts.first_token and not opts.exact_bos)
+    if control or opts.init_from:
+        schedule = Schedule(opts.steps, [])
+    elif schedule is None:
+        schedule = build_schedule(chosen, opts.steps, opts.schedule, split=split,
+                                  first_token=opts.first_token and not opts.exact_bos)
     for w in removal:
         w.aux_skip_first = opts.fixed_prefix if opts.exact_bos else 0
         if not control:
@@ -489,6 +500,7 @@ def train(
     identity = {**opts.identity(control), "control": control}
     if not control:
         identity["remove"] = sorted(s.name for s in chosen)
+        identity.update(identity_extra or {})
     history: list[StepLog] = []
     cursor = DataCursor(len(batches), opts.seed)
     per_step = opts.grad_accum
