@@ -510,17 +510,15 @@ def test_the_cost_of_the_passes_is_said_before_they_run() -> None:
     model = tiny_llama(n_layers=3)
     depth.run(_lm(model), _sample(n=2), depth.DepthOptions(skip_layers="0,2", window=1, lns=True),
               progress=Recorder())
-    hint = "(choose blocks with --skip-layers; in report: --depth-skip-layers, --depth-skip-tokens)"
-    assert said == ["depth-curse: 5 forward passes over 32 tokens: statistics 1, skip-one-block 2 "
-                    f"{hint}, LayerNorm Scaling 1, 1-block window 1."]
+    assert said == ["depth-curse: 5 forward passes over 32 tokens: statistics 1, skip-one-block 2 (fewer: "
+                    "--skip-layers), LayerNorm Scaling 1, 1-block window 1."]
     # on a subset: how many tokens the skip passes read, and what the whole costs in full passes
     said.clear()
     depth.run(_lm(model), _sample(n=4), depth.DepthOptions(skip_layers="all", skip_tokens=16, window=0, lns=False),
               progress=Recorder())
     assert said == ["depth-curse: 4 forward passes, the work of 1.75 over 64 tokens: statistics 1, skip-one-block 3 "
-                    "over 16 of the tokens (1 of 4 sequences, spread over the text; all of them: --skip-tokens 0) "
-                    f"{hint}."]
-
+                    "over 16 of the tokens (1 of 4 sequences spread over the text; every token: --skip-tokens 0, "
+                    "fewer blocks: --skip-layers)."]
 
 @pytest.mark.parametrize("spec", ["0.5", "inv-sqrt-layer"])
 def test_residual_branch_scaling_equals_a_hand_scaled_model(spec: str) -> None:

@@ -156,11 +156,9 @@ def run(ctx: RunContext, opts: DepthOptions) -> Result:
     n_seq = sum(len(b) for b in batches)
     if n_skip and n_skip_tok < n_tok:
         skip_part = (f", skip-one-block {n_skip} over {n_skip_tok:,} of the tokens ({len(skip_rows)} of {n_seq} "
-                     f"sequences, spread over the text; all of them: --skip-tokens 0)")
+                     "sequences spread over the text; every token: --skip-tokens 0, fewer blocks: --skip-layers)")
     else:
-        skip_part = f", skip-one-block {n_skip}" if n_skip else ""
-    if n_skip:
-        skip_part += " (choose blocks with --skip-layers; in report: --depth-skip-layers, --depth-skip-tokens)"
+        skip_part = f", skip-one-block {n_skip} (fewer: --skip-layers)" if n_skip else ""
     cost = full + n_skip * n_skip_tok / max(n_tok, 1)
     work = f", the work of {cost:.3g} over" if n_skip and n_skip_tok < n_tok else " over"
     note(progress, f"depth-curse: {full + n_skip} forward passes{work} {n_tok:,} tokens: statistics 1" + skip_part

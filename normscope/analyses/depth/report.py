@@ -192,10 +192,10 @@ def terminal_table(result: Any) -> Any:
         t.add_column(col, justify="right")
     layers = {row["point"]: row for row in r.payload["layers"]}
     for row in r.payload["blocks"]:
-        d = row.get("skip_delta_loss")
+        d, se = row.get("skip_delta_loss"), row.get("skip_delta_loss_se")
+        cell = "" if d is None or d != d else f"{d:+.3f}" + ("" if se is None or se != se else f" \u00b1{se:.3f}")
         t.add_row(str(row["block"]), f"{100 * row['rel_update']:.1f}%", f"{100 * row['rel_update_attn']:.1f}%",
-                  f"{100 * row['rel_update_mlp']:.1f}%", f"{layers[row['block'] + 1]['norm_rest']:.1f}",
-                  "" if d is None or d != d else f"{d:+.3f}")
+                  f"{100 * row['rel_update_mlp']:.1f}%", f"{layers[row['block'] + 1]['norm_rest']:.1f}", cell)
     return t
 
 
