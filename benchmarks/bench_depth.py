@@ -11,10 +11,15 @@ Each measurement is set against a baseline measured in the same run:
 3. grads: forward and backward calls per batch, and time of ``grads.measure`` against a plain
    forward + backward of the same loss with no hooks;
 4. memory: peak RSS of the run itself (high-water mark reset after loading) in fresh processes running
-   depth (statistics only) and grads on N and 4N tokens of the same batch size (flat memory: ratio close to 1).
+   depth (statistics only) and grads on N and 4N tokens of the same batch size (flat memory: ratio close to 1);
+5. defaults (``--defaults``): the whole ``depth.run`` with the command's defaults on 2,048 tokens of a book at
+   T = 64, batch 8 (the text defaults), against the same run with the skip passes over every token
+   (``skip_tokens=0``, the earlier default): wall and process CPU time, per phase, and the skip losses of the
+   subset against the full ones (how far apart, in standard errors).
 
     python benchmarks/bench_depth.py            # ~10 minutes on 2 cores
     python benchmarks/bench_depth.py --quick    # smaller token counts
+    python benchmarks/bench_depth.py --defaults --threads 1   # only 5.
 """
 
 from __future__ import annotations
@@ -192,11 +197,55 @@ def _spawn(kind: str, n_tokens: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def defaults(book: str) -> dict:
+    """The command's defaults against the full skip sweep, same process, same sample (section 5)."""
+    import numpy as np
+
+    from normscope.analyses import depth
+    from normscope.core.text import TextOptions, load_text
+
+    lm = _load()
+    path = CORPUS / book
+    sample = load_text(lm.tokenizer, TextOptions(paths=[path] if path.exists() else None, max_tokens=2048),
+                       max_positions=lm.info.max_positions, is_causal=True)
+    out: dict = {"tokens": sample.n_tokens, "text": path.name if path.exists() else "built-in prompts"}
+    runs = {}
+    configs = (("default", depth.DepthOptions()), ("skip over every token", depth.DepthOptions(skip_tokens=0)))
+    for label, opts in configs:
+        t0, c0 = time.perf_counter(), time.process_time()
+        r = depth.run(lm, sample, opts)
+        runs[label] = r
+        out[label] = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                      "phases_wall_s": {k: round(v, 2) for k, v in r.timings.items()},
+                      "skip_scope": {k: v for k, v in (r.payload["skip_scope"] or {}).items()
+                                     if k != "sequence_indices"}}
+        print(json.dumps({label: out[label]}), flush=True)
+    a, b = (runs[k].tables["blocks"] for k in ("default", "skip over every token"))
+    z = (a["skip_delta_loss"] - b["skip_delta_loss"]) / a["skip_delta_loss_se"]
+    out["cpu_ratio_default_over_full"] = out["default"]["cpu_s"] / out["skip over every token"]["cpu_s"]
+    out["wall_ratio_default_over_full"] = out["default"]["wall_s"] / out["skip over every token"]["wall_s"]
+    out["subset_vs_full"] = {"median_abs_z": float(np.median(np.abs(z))), "max_abs_z": float(np.abs(z).max()),
+                             "spearman_rank_corr": float(a["skip_delta_loss"].rank().corr(b["skip_delta_loss"].rank())),
+                             "costliest_block": [int(a.loc[a["skip_delta_loss"].idxmax(), "block"]),
+                                                 int(b.loc[b["skip_delta_loss"].idxmax(), "block"])]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "TOKENS"), help=argparse.SUPPRESS)
+    ap.add_argument("--defaults", action="store_true", help="only section 5: the defaults against the full sweep")
+    ap.add_argument("--book", default="peter_pan.txt")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.defaults:
+        print(json.dumps(defaults(args.book), indent=1))
+        return
     if args.child:
         child(args.child[0], int(args.child[1]))
         return

@@ -12,8 +12,14 @@ Each measurement is set against a baseline measured in the same run:
 3. The command on the bundled SmolLM2: ``hubness.run`` time split into forward passes and k-NN search, and
    the forward passes against a plain forward of the same batches (the capture overhead).
 
+4. ``--defaults``: ``hubness.run`` with the command's defaults (6 blocks: 32 points) on 2,048 tokens of a book
+   at T = 64, batch 8, against the earlier default points (every third block plus the last: 57 points) in the
+   same process: wall and process CPU time, split into forward passes and k-NN searches, and the skewness of
+   the points both measure (the same numbers: only which points are measured changed).
+
     python benchmarks/bench_hubness.py            # several minutes on 2 cores
     python benchmarks/bench_hubness.py --quick    # smaller N, no SmolLM2 run
+    python benchmarks/bench_hubness.py --defaults --threads 1
 """
 
 from __future__ import annotations
@@ -113,14 +119,46 @@ def bench_command(n_tokens: int) -> dict:
     return row
 
 
+def defaults(book: str) -> dict:
+    """Section 4: the default points against the earlier default points, same process, same sample."""
+    from normscope.analyses import hubness
+    from normscope.core.models import load_model
+    from normscope.core.text import TextOptions, load_text
+
+    lm = load_model("smollm2-135m", device="cpu")
+    path = CORPUS / book
+    sample = load_text(lm.tokenizer, TextOptions(paths=[path] if path.exists() else None, max_tokens=2048),
+                       max_positions=lm.info.max_positions, is_causal=True)
+    out: dict = {"tokens": sample.n_tokens, "text": path.name if path.exists() else "built-in prompts"}
+    runs = {}
+    for label, layers in (("default", None), ("every third block + last", "0,3,6,9,12,15,18,21,24,27,29")):
+        t0, c0 = time.perf_counter(), time.process_time()
+        r = hubness.run(lm, sample, hubness.HubnessOptions(layers=layers))
+        runs[label] = r
+        out[label] = {"points": r.payload["n_points"], "wall_s": time.perf_counter() - t0,
+                      "cpu_s": time.process_time() - c0,
+                      "phases_wall_s": {k: round(v, 3) for k, v in r.timings.items()}}
+        print(json.dumps({label: out[label]}), flush=True)
+    a, b = (runs[k].tables["points"].set_index(["point", "metric"])["skewness"] for k in runs)
+    common = a.index.intersection(b.index)
+    out["cpu_ratio_default_over_earlier"] = out["default"]["cpu_s"] / out["every third block + last"]["cpu_s"]
+    out["shared_points_max_skewness_diff"] = float((a[common] - b[common]).abs().max())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--defaults", action="store_true", help="only section 4: the default points on a book")
+    ap.add_argument("--book", default="peter_pan.txt")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.defaults:
+        print(json.dumps(defaults(args.book), indent=1))
+        return
     sizes = [2000, 4000] if args.quick else [4000, 8000]
     print("# k-NN: blocked vs full N x N matrix (d = 576, k = 10)")
     bench_knn(sizes, args.threads)

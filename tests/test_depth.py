@@ -302,6 +302,63 @@ def test_skipping_a_block_equals_a_model_without_it(factory) -> None:
     assert torch.allclose(got, want_logits, atol=1e-5)
 
 
+def _rows(sample, keep: list[int]):
+    """A sample of only the sequences ``keep`` (indices in batch order), for a direct recomputation."""
+    rows = [r for b in sample.batches for r in b.input_ids.tolist()]
+    return sample_from_ids([rows[i] for i in keep], ["prose"] * len(keep), batch_size=3)
+
+
+def test_skip_losses_on_a_subset_equal_models_without_the_block_on_those_sequences() -> None:
+    model = tiny_llama(n_layers=4)
+    sample = _sample(n=7, batch_size=3)  # 7 sequences of 16 tokens = 112 tokens
+    r = depth.run(_lm(model), sample, depth.DepthOptions(skip_layers="0,2", skip_tokens=40, window=0, lns=False))
+    scope = r.payload["skip_scope"]
+    keep = [0, 3, 6]  # ceil(40 / 16) = 3 sequences, first, middle and last
+    assert scope["sequence_indices"] == keep and scope["tokens"] == 48 and scope["of_tokens"] == 112
+    sub = _rows(sample, keep)
+    base = _loss(model, sub)
+    assert scope["baseline_loss"] == pytest.approx(base, rel=1e-6)
+    assert r.payload["loss"] == pytest.approx(_loss(model, sample), rel=1e-6)  # the statistics: every token
+    blocks = r.tables["blocks"].set_index("block")
+    for i in (0, 2):
+        cut = _removed(model, [i])
+        assert blocks.loc[i, "skip_loss"] == pytest.approx(_loss(cut, sub), rel=1e-5)
+        assert blocks.loc[i, "skip_delta_loss"] == pytest.approx(_loss(cut, sub) - base, rel=1e-4, abs=1e-6)
+        # equal-length sequences: the standard error is the textbook one of the per-sequence mean changes
+        per_seq = [_loss(cut, _rows(sample, [k])) - _loss(model, _rows(sample, [k])) for k in keep]
+        assert blocks.loc[i, "skip_delta_loss_se"] == pytest.approx(np.std(per_seq, ddof=1) / math.sqrt(3),
+                                                                    rel=1e-3)
+    assert np.isnan(blocks.loc[1, "skip_loss"])
+    assert r.headlines["skip_measured_on"] == "48 of 112 tokens"
+    assert "48 of the 112 tokens (3 of 7 sequences" in " ".join(r.summary)
+    # --skip-tokens 0 measures every token: the change is then the difference of the two full losses
+    full = depth.run(_lm(model), sample, depth.DepthOptions(skip_layers="2", skip_tokens=0, window=0, lns=False))
+    fb = full.tables["blocks"].set_index("block")
+    assert full.payload["skip_scope"]["tokens"] == 112
+    assert fb.loc[2, "skip_delta_loss"] == pytest.approx(_loss(_removed(model, [2]), sample) - _loss(model, sample),
+                                                         rel=1e-4, abs=1e-6)
+
+
+def test_spread_subset_and_paired_delta() -> None:
+    assert depth.spread_subset(10, 3) == [0, 4, 9]
+    assert depth.spread_subset(4, 9) == [0, 1, 2, 3] and depth.spread_subset(5, 1) == [0]
+    assert len(depth.spread_subset(32, 8)) == 8 and depth.spread_subset(32, 8)[-1] == 31
+    rng = np.random.default_rng(0)
+    n = rng.integers(5, 50, size=9)
+    base = rng.normal(3, 1, size=9) * n
+    other = base + rng.normal(0.2, 0.1, size=9) * n
+    d, se = depth.paired_loss_delta(base.tolist(), other.tolist(), n.tolist())
+    assert d == pytest.approx((other.sum() - base.sum()) / n.sum())  # token-weighted, as the losses
+    # equal lengths: the textbook standard error of the per-sequence mean changes
+    e = rng.normal(0.2, 0.1, size=9)
+    _, se_eq = depth.paired_loss_delta([0.0] * 9, (e * 16).tolist(), [16] * 9)
+    assert se_eq == pytest.approx(np.std(e, ddof=1) / 3)
+    # every sequence changing by the same amount per token, whatever its length: no spread, no error
+    _, se0 = depth.paired_loss_delta(base.tolist(), (base + 0.25 * n).tolist(), n.tolist())
+    assert se0 == pytest.approx(0.0, abs=1e-12) and se > 0
+    assert math.isnan(depth.paired_loss_delta([1.0], [2.0], [4])[1])
+
+
 def test_lns_what_if_equals_scaled_norm_gains() -> None:
     """1/sqrt(l+1) on each pre-norm output equals a copy whose ln1/ln2 gains are scaled by it (RMSNorm: y = w x/rms)."""
     model = tiny_llama(n_layers=3)
@@ -450,11 +507,18 @@ def test_the_cost_of_the_passes_is_said_before_they_run() -> None:
         def task(self, name: str, total: float):  # type: ignore[no-untyped-def]
             yield lambda n: None
 
-    depth.run(_lm(tiny_llama(n_layers=3)), _sample(n=2), depth.DepthOptions(skip_layers="0,2", window=1, lns=True),
+    model = tiny_llama(n_layers=3)
+    depth.run(_lm(model), _sample(n=2), depth.DepthOptions(skip_layers="0,2", window=1, lns=True),
               progress=Recorder())
-    assert said == ["depth-curse: 5 forward passes over 32 tokens: statistics 1, skip-one-block 2 (limit with "
-                    "--skip-layers, --depth-skip-layers in report), LayerNorm Scaling 1, 1-block window 1."]
-
+    assert said == ["depth-curse: 5 forward passes over 32 tokens: statistics 1, skip-one-block 2 (fewer: "
+                    "--skip-layers), LayerNorm Scaling 1, 1-block window 1."]
+    # on a subset: how many tokens the skip passes read, and what the whole costs in full passes
+    said.clear()
+    depth.run(_lm(model), _sample(n=4), depth.DepthOptions(skip_layers="all", skip_tokens=16, window=0, lns=False),
+              progress=Recorder())
+    assert said == ["depth-curse: 4 forward passes, the work of 1.75 over 64 tokens: statistics 1, skip-one-block 3 "
+                    "over 16 of the tokens (1 of 4 sequences spread over the text; every token: --skip-tokens 0, "
+                    "fewer blocks: --skip-layers)."]
 
 @pytest.mark.parametrize("spec", ["0.5", "inv-sqrt-layer"])
 def test_residual_branch_scaling_equals_a_hand_scaled_model(spec: str) -> None:

@@ -143,8 +143,9 @@ def test_uniform_ring_has_no_hubness(metric: str) -> None:
 
 
 def test_layer_parsing_and_grouping() -> None:
-    assert hb.default_layers(30) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29]
-    assert hb.default_layers(2) == [0, 1]
+    assert hb.default_layers(30) == [0, 6, 12, 17, 23, 29]  # 6 blocks, first to last: 32 points on SmolLM2
+    assert hb.default_layers(2) == [0, 1] and hb.default_layers(6) == list(range(6))
+    assert len(hb.default_layers(80)) == 6 and hb.default_layers(80)[-1] == 79
     assert hb.parse_layers("0,3,10-12,-1", 30) == [0, 3, 10, 11, 12, 29]
     assert hb.parse_layers("all", 3) == [0, 1, 2]
     assert hb.parse_layers(None, 3) is None
@@ -288,3 +289,34 @@ def test_hub_tables_show_byte_tokens_readably() -> None:
     rows = hb.top_hub_rows(torch.tensor([5, 1, 0]), meta, _ByteTokenizer(), 2)
     assert [r["token"] for r in rows] == ["\\xf0\\x9f", "t8"]  # not two look-alike replacement characters
     assert rows[0]["sink"] == "position 0"
+
+
+def test_sink_tokens_come_from_chunked_column_sums_equal_to_eager_patterns() -> None:
+    """hubness names sink tokens from the pattern's column sums (SDPA kept, no T x T pattern), and they are the
+    ones eager attention patterns give (Gu et al.'s alpha_k, a low threshold so that a random model has hits)."""
+    from normscope.analyses.hubness.reducers import SinkColumns
+    from normscope.core.attention import SinkTokens
+    from normscope.core.capture import Capture
+    from normscope.core.sites import find_layout, find_norm_sites
+
+    model = tiny_llama()
+    sample = tiny_sample(n_tokens=256)
+    layout = find_layout(model)
+    got = SinkTokens(True, eps=0.08, min_queries=4)
+    cap = Capture(model, layout, find_norm_sites(model, layout))
+    for b in layout.blocks:
+        cap.add(f"blocks.{b.index}.attn.hook_col_sum", SinkColumns(got))
+    with cap:
+        cap.run(sample.iter_batches())
+    assert cap.attention_path == "chunked"
+    want = SinkTokens(True, eps=0.08, min_queries=4)
+    model.set_attn_implementation("eager")
+    try:
+        for b in sample.iter_batches():
+            with torch.no_grad():
+                out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_attentions=True)
+            for pattern in out.attentions:  # [batch, head, query, key] per layer
+                want.update(pattern, b)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert sum(want.counts.values()) > 0 and got.counts == want.counts

@@ -69,7 +69,7 @@ register(AnalysisSpec(
     "--memory-mb caps what one pass holds. The k-NN search is exact and blocked (--block-size query rows at a "
     "time), never an N x N matrix.\n\n"
     "Examples:\n\n"
-    "  normscope hubness                                 # every third block plus the last\n\n"
+    "  normscope hubness                                 # 6 blocks, first to last\n\n"
     "  normscope hubness --layers 0,12,-1 --k 5          # three blocks, 5-NN lists\n\n"
     "  normscope hubness --text book.txt --max-tokens 20000 --metric cosine\n\n"
     "  normscope hubness minilm-l6                       # an encoder: no context-unembedding part",

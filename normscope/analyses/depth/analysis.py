@@ -11,13 +11,16 @@ Metrics and where they come from:
 * angular distance arccos(cos(h_l, h_{l+n})) / pi on the last token, the n-layer window that is cheapest to
   drop and the loss once it is dropped: Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper
   Layers" (arXiv:2403.17887);
-* the loss change when one block is skipped (identity), per block (layer effectiveness);
+* the loss change when one block is skipped (identity), per block (layer effectiveness), measured by default
+  on ``--skip-tokens`` (512) tokens of whole sequences spread over the sample, against the baseline loss of the
+  same sequences, with a standard error over those sequences;
 * LayerNorm Scaling (Sun et al. 2025): each pre-norm output multiplied by 1/sqrt(l), l = layer index + 1,
   applied here at inference to a model that was NOT trained that way.
 
 Cost: every statistic of a configuration (norms, variances, divisors, relative updates, angular distances,
 loss) comes from ONE forward pass per batch. Skipping blocks costs one more forward pass per skipped block
-per batch, the LayerNorm Scaling what-if one more, the dropped window one more.
+over the skip subset (by default 512 tokens: a quarter of a pass over 2,048), the LayerNorm Scaling what-if
+one more full pass, the dropped window one more.
 
 The modules: ``metrics.py`` (pure functions), ``reducers.py`` (hooks that fold per batch), ``interventions.py``
 (hooks that change the pass), this module (the passes and the Result), ``summary.py`` (labels and sentences)
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
+import torch
 
 from normscope.analyses.base import RunContext
 from normscope.analyses.depth.interventions import (
@@ -40,14 +44,14 @@ from normscope.analyses.depth.interventions import (
     residual_scale_interventions,
     skip_interventions,
 )
-from normscope.analyses.depth.metrics import best_windows, fit_growth
+from normscope.analyses.depth.metrics import best_windows, fit_growth, paired_loss_delta, spread_subset
 from normscope.analyses.depth.options import REFERENCES, DepthOptions, residual_scale_factors
 from normscope.analyses.depth.reducers import PassStats, end_of_batch, register_stats
 from normscope.analyses.depth.report import AXES, LABELS, figures, residual_scale_figure, summary, terminal_table
 from normscope.core.capture import Capture
 from normscope.core.errors import NormscopeError
 from normscope.core.layers import parse_layers
-from normscope.core.losses import LossMeter
+from normscope.core.losses import SequenceLossMeter
 from normscope.core.nonfinite import flag_nonfinite, nonfinite_warning
 from normscope.core.progress import note
 from normscope.core.progress import progress_task as _task
@@ -79,13 +83,32 @@ def _stats_pass(model: Any, layout: Any, sites: list[Any], batches: list[TokenBa
 
 
 def _loss_pass(model: Any, layout: Any, sites: list[Any], batches: list[TokenBatch], skip: list[int],
-               advance: Callable[[float], None] | None = None) -> float:
+               advance: Callable[[float], None] | None = None) -> SequenceLossMeter:
     cap = Capture(model, layout, sites)
     skip_interventions(cap, skip)
-    meter = LossMeter()
+    meter = SequenceLossMeter()
     with cap:
         cap.run(batches, on_output=meter, progress=advance)
-    return meter.mean
+    return meter
+
+
+def skip_subset(batches: list[TokenBatch], n_tokens: int, batch_size: int) -> tuple[list[TokenBatch], list[int]]:
+    """The sequences the skip-one-block losses are measured on: enough whole sequences for ``n_tokens`` tokens
+    (0: all), spread evenly over the sample so that every kind of text keeps its share, rebatched in
+    ``batch_size``. Returns the batches and the sequences' indices in the sample (batch order)."""
+    rows = [(b, r) for b in batches for r in range(len(b))]
+    per_seq = max(1, int(batches[0].attention_mask[0].sum())) if batches else 1
+    take = len(rows) if n_tokens <= 0 else min(len(rows), max(1, math.ceil(n_tokens / per_seq)))
+    keep = spread_subset(len(rows), take)
+    if len(keep) == len(rows):
+        return batches, keep
+    out = []
+    for s in range(0, len(keep), batch_size):
+        chunk = [rows[i] for i in keep[s:s + batch_size]]
+        out.append(TokenBatch(torch.stack([b.input_ids[r] for b, r in chunk]),  # [batch, seq_len]
+                              torch.stack([b.attention_mask[r] for b, r in chunk]),
+                              [b.categories[r] for b, r in chunk]))
+    return out, keep
 
 
 def run(ctx: RunContext, opts: DepthOptions) -> Result:
@@ -126,10 +149,19 @@ def run(ctx: RunContext, opts: DepthOptions) -> Result:
     batches = list(sample.iter_batches())
     n_tok = sum(int(b.attention_mask.sum()) for b in batches)
     n_skip = len(skip_layers) if do_skip else 0
+    skip_batches, skip_rows = skip_subset(batches, opts.skip_tokens, sample.batch_size) if n_skip else ([], [])
+    n_skip_tok = sum(int(b.attention_mask.sum()) for b in skip_batches)
     factors = residual_scale_factors(opts.residual_scale, n_blocks)
-    passes = 1 + n_skip + int(do_lns) + int(bool(window and causal)) + int(factors is not None)
-    note(progress, f"depth-curse: {passes} forward passes over {n_tok:,} tokens: statistics 1"
-         + (f", skip-one-block {n_skip} (limit with --skip-layers, --depth-skip-layers in report)" if n_skip else "")
+    full = 1 + int(do_lns) + int(bool(window and causal)) + int(factors is not None)
+    n_seq = sum(len(b) for b in batches)
+    if n_skip and n_skip_tok < n_tok:
+        skip_part = (f", skip-one-block {n_skip} over {n_skip_tok:,} of the tokens ({len(skip_rows)} of {n_seq} "
+                     "sequences spread over the text; every token: --skip-tokens 0, fewer blocks: --skip-layers)")
+    else:
+        skip_part = f", skip-one-block {n_skip} (fewer: --skip-layers)" if n_skip else ""
+    cost = full + n_skip * n_skip_tok / max(n_tok, 1)
+    work = f", the work of {cost:.3g} over" if n_skip and n_skip_tok < n_tok else " over"
+    note(progress, f"depth-curse: {full + n_skip} forward passes{work} {n_tok:,} tokens: statistics 1" + skip_part
          + (", LayerNorm Scaling 1" if do_lns else "") + (f", {window}-block window 1" if window and causal else "")
          + (", residual-branch scaling 1" if factors is not None else "")
          + ".")
@@ -148,15 +180,25 @@ def run(ctx: RunContext, opts: DepthOptions) -> Result:
                              "residual-branch scaling what-if", branch_scale=factors)
         timings["residual-branch scaling pass"] = scaled.seconds
 
-    skip_loss: dict[int, float] = {}
+    skip_loss: dict[int, tuple[float, float, float]] = {}  # block -> (loss, loss change, its standard error)
+    skip_scope: dict[str, Any] | None = None
     if do_skip:
+        assert base.loss is not None
+        b_sum = [base.loss.seq_sum[r] for r in skip_rows]  # the baseline of the same sequences, from the stats pass
+        b_n = [base.loss.seq_n[r] for r in skip_rows]
+        skip_scope = {"tokens": n_skip_tok, "sequences": len(skip_rows), "of_tokens": n_tok, "of_sequences": n_seq,
+                      "sequence_indices": skip_rows, "baseline_loss": sum(b_sum) / max(sum(b_n), 1)}
         t0 = time.perf_counter()
-        with _task(progress, f"skip-one-block ({len(skip_layers)} blocks)", len(skip_layers)) as adv:
+        with _task(progress, f"skip-one-block ({len(skip_layers)} blocks x {n_skip_tok:,} tokens)",
+                   len(skip_layers)) as adv:
             for i in skip_layers:
-                skip_loss[i] = _loss_pass(model, layout, sites, batches, [layout.blocks[i].index])
+                m = _loss_pass(model, layout, sites, skip_batches, [layout.blocks[i].index])
+                delta, se = paired_loss_delta(b_sum, m.seq_sum, m.seq_n)
+                skip_loss[i] = (m.mean, delta, se)
                 if adv is not None:
                     adv(1)
-        timings[f"skip-one-block ({len(skip_layers)} forward passes per batch)"] = time.perf_counter() - t0
+        timings[f"skip-one-block ({len(skip_layers)} forward passes over {n_skip_tok:,} tokens)"] = \
+            time.perf_counter() - t0
 
     dist = base.angular.mean().numpy()
     windows = best_windows(dist)
@@ -166,14 +208,14 @@ def run(ctx: RunContext, opts: DepthOptions) -> Result:
         blocks = list(range(int(row["start"]), int(row["end"]) + 1))
         t0 = time.perf_counter()
         with _task(progress, f"drop {window} blocks", n_tok) as adv:
-            loss = _loss_pass(model, layout, sites, batches, [layout.blocks[k].index for k in blocks], adv)
+            loss = _loss_pass(model, layout, sites, batches, [layout.blocks[k].index for k in blocks], adv).mean
         timings[f"drop-window pass (n = {window})"] = time.perf_counter() - t0
         assert base.loss is not None
         drop = {"n": window, "start": int(row["start"]), "end": int(row["end"]), "distance": float(row["distance"]),
                 "loss": loss, "delta_loss": loss - base.loss.mean}
 
-    result = _build_result(lm, sample, opts, layout, sites, base, lns, skip_loss, windows, drop, batches, n_tok,
-                           timings)
+    result = _build_result(lm, sample, opts, layout, sites, base, lns, skip_loss, skip_scope, windows, drop,
+                           batches, n_tok, timings)
     if scaled is not None and factors is not None:
         _add_residual_scale(result, scaled, factors, opts.residual_scale)
     return result
@@ -258,7 +300,8 @@ def _site_rows(stats: PassStats) -> list[dict[str, Any]]:
 
 
 def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: list[Any], base: PassStats,
-                  lns: PassStats | None, skip_loss: dict[int, float], windows: pd.DataFrame,
+                  lns: PassStats | None, skip_loss: dict[int, tuple[float, float, float]],
+                  skip_scope: dict[str, Any] | None, windows: pd.DataFrame,
                   drop: dict[str, Any] | None, batches: list[TokenBatch], n_tok: int,
                   timings: dict[str, float]) -> Result:
     info = lm.info
@@ -268,8 +311,8 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
     sites_df = pd.DataFrame(_site_rows(base))
     base_loss = base.loss.mean if base.loss is not None else None
     if skip_loss:
-        blocks["skip_loss"] = blocks["block"].map(skip_loss)
-        blocks["skip_delta_loss"] = blocks["skip_loss"] - base_loss
+        for j, col in enumerate(("skip_loss", "skip_delta_loss", "skip_delta_loss_se")):
+            blocks[col] = blocks["block"].map({i: v[j] for i, v in skip_loss.items()})
     if lns is not None:
         ll = pd.DataFrame(_layer_rows(lns))
         for c in ("norm_rest", "norm_pos0", "var_rest", "var_pos0"):
@@ -313,6 +356,8 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
         least = blocks.loc[blocks["skip_delta_loss"].idxmin()]
         headlines["costliest_block_to_skip"] = f"{int(worst['block'])} ({worst['skip_delta_loss']:+.3f})"
         headlines["cheapest_block_to_skip"] = f"{int(least['block'])} ({least['skip_delta_loss']:+.3f})"
+        if skip_scope is not None:
+            headlines["skip_measured_on"] = f"{skip_scope['tokens']:,} of {skip_scope['of_tokens']:,} tokens"
     if drop is not None:
         headlines[f"drop_{drop['n']}_blocks"] = f"{drop['start']}-{drop['end']} ({drop['delta_loss']:+.3f})"
     if lns is not None and lns.loss is not None and base_loss is not None:
@@ -334,6 +379,7 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
         "drop_window": drop,
         "growth": growth.to_dict("records"),
         "skip_layers": sorted(skip_loss),
+        "skip_scope": skip_scope,  # which tokens the skip losses were measured on, and their own baseline
         "lns": None if lns is None else {
             "loss": lns.loss.mean if lns.loss is not None else None,
             "scaled_sites": lns.extra.get("scaled_sites", []),
@@ -346,8 +392,9 @@ def _build_result(lm: Any, sample: Any, opts: DepthOptions, layout: Any, sites: 
     dropped = sample.n_sequences - sum(len(b) for b in batches)
     lns_loss = lns.loss.mean if lns is not None and lns.loss is not None else None
     lines = summary(layers, blocks, growth_rest, base_loss, lns_loss, lns is not None, drop, n_blocks, dropped,
-                    post_ln, massive)
-    figs = figures(layers, blocks, sites_df, dist, windows, drop, growth_rest, lns is not None, base_loss, n_blocks)
+                    post_ln, massive, skip_scope)
+    figs = figures(layers, blocks, sites_df, dist, windows, drop, growth_rest, lns is not None, base_loss, n_blocks,
+                   skip_scope)
     tables = {"layers": layers, "blocks": blocks, "sites": sites_df, "growth": growth, "windows": windows,
               "angular": angular_df}
     if len(massive):

@@ -183,3 +183,35 @@ def massive_tokens(h: torch.Tensor, mask: torch.Tensor, min_abs: float = MASSIVE
         return torch.zeros_like(real), top, dim
     med = a[real].median()  # over [n_real, d]: the median magnitude of the hidden state
     return real & (top > min_abs) & (top >= ratio * med), top, dim
+
+
+def spread_subset(n: int, take: int) -> list[int]:
+    """``take`` of the indices ``0..n-1``, evenly spread over them (first and last included when ``take > 1``),
+    so that a subset of a sample's sequences keeps its mix of text kinds. ``take >= n`` returns all of them."""
+    if take >= n:
+        return list(range(n))
+    if take <= 1:
+        return [0] if take == 1 and n else []
+    return sorted({round(i * (n - 1) / (take - 1)) for i in range(take)})
+
+
+def paired_loss_delta(base_sum: list[float], other_sum: list[float], n_tokens: list[int]) -> tuple[float, float]:
+    """Mean loss change per token between two passes over the same sequences, and its standard error.
+
+    ``base_sum``, ``other_sum``: each sequence's summed next-token loss in the two passes; ``n_tokens``: its
+    predicted tokens. The change is ``sum(other - base) / sum(n)`` (the token-weighted mean, as the losses
+    themselves); its standard error treats sequences as the sampled units (a ratio estimator over clusters,
+    because tokens of one sequence are not independent): ``sqrt(m / (m - 1) * sum((d_s - D n_s)^2)) / sum(n)``
+    with ``d_s`` the sequence's summed change and ``m`` the number of sequences. NaN for fewer than two.
+    """
+    d = np.asarray(other_sum, dtype=float) - np.asarray(base_sum, dtype=float)  # [m]
+    n = np.asarray(n_tokens, dtype=float)
+    total = float(n.sum())
+    if not total:
+        return float("nan"), float("nan")
+    mean = float(d.sum()) / total
+    m = len(d)
+    if m < 2:
+        return mean, float("nan")
+    se = math.sqrt(m / (m - 1) * float(((d - mean * n) ** 2).sum())) / total
+    return mean, se

@@ -29,6 +29,10 @@ class DepthOptions:
     Default: on for causal LMs; encoders have no next-token loss."""
     skip_layers: str | None = None
     """Blocks to skip one at a time (all, none, or e.g. 0-9,20-29; default: all)."""
+    skip_tokens: int = opt(512, lo=0)
+    """Tokens each skip-one-block loss is measured on: whole sequences spread evenly over the sample, the
+    baseline loss measured on the same ones, with a standard error over them (0: every token, one full pass per
+    skipped block)."""
     window: int | None = opt(None, lo=0)
     """Drop the n consecutive blocks with the smallest angular distance d(h_l, h_l+n) together (Gromov et al.)
     and measure the loss: one more pass. Default: a quarter of the blocks for causal LMs; 0: off."""

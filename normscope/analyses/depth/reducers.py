@@ -25,7 +25,7 @@ from normscope.analyses.depth.metrics import (
     token_variance,
 )
 from normscope.core.capture import BatchContext, Capture
-from normscope.core.losses import LossMeter
+from normscope.core.losses import SequenceLossMeter
 
 MAX_OCCURRENCES = 64  # later-position massive-activation tokens kept (the largest |h|): the page names them
 
@@ -342,7 +342,7 @@ class PassStats:
     sites: dict[str, SiteStats]
     blocks: dict[int, BlockUpdate]
     angular: AngularAccumulator
-    loss: LossMeter | None
+    loss: SequenceLossMeter | None
     moments: BatchMoments
     massive: MassiveActivations
     seconds: float = 0.0
@@ -381,7 +381,7 @@ def register_stats(cap: Capture, layout: Any, sites: list[Any], label: str, caus
             cap.add(f"blocks.{i}.attn.hook_out", _Call(bu.on_attn_out))
         cap.add(f"blocks.{i}.hook_resid_post", _Call(bu.on_post))
         blocks[i] = bu
-    return PassStats(label, residual, site_stats, blocks, angular, LossMeter() if causal else None, moments,
+    return PassStats(label, residual, site_stats, blocks, angular, SequenceLossMeter() if causal else None, moments,
                      massive)
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from normscope.analyses.depth.metrics import GrowthFit
-from normscope.analyses.depth.summary import AXES, LABELS, quotable_line, summary
+from normscope.analyses.depth.summary import AXES, LABELS, quotable_line, skip_scope_phrase, summary
 from normscope.report import Figure, plot_text
 
 SYMLOG_LINEAR = 0.01  # nats/token: the skip-loss axis is linear inside +-this and logarithmic beyond
@@ -46,15 +46,22 @@ def symlog_ticks(values: Any, c: float = SYMLOG_LINEAR) -> tuple[list[float], li
     return [float(symlog(t, c)) for t in ticks], [f"{t:+g}" if t else "0" for t in ticks]
 
 
-def skip_figure(blocks: pd.DataFrame, n_blocks: int, base_loss: float | None) -> go.Figure:
-    """Loss change per skipped block: bars one block wide at their block, on a sign-keeping log axis."""
+def skip_figure(blocks: pd.DataFrame, n_blocks: int, base_loss: float | None,
+                scope: dict[str, Any] | None = None) -> go.Figure:
+    """Loss change per skipped block: bars one block wide at their block, on a sign-keeping log axis; the hover
+    gives the standard error over the sequences measured (``scope``: which tokens, and their baseline)."""
     sk = blocks.dropna(subset=["skip_delta_loss"])
     y = sk["skip_delta_loss"].to_numpy(dtype=float)
+    se = (sk["skip_delta_loss_se"] if "skip_delta_loss_se" in sk else pd.Series(np.nan, index=sk.index)).to_numpy(
+        dtype=float)
+    if scope is not None:
+        base_loss = scope["baseline_loss"]
     fig = go.Figure(go.Bar(
-        x=sk["block"], y=symlog(y), width=BAR_WIDTH, customdata=y, name="loss change",
+        x=sk["block"], y=symlog(y), width=BAR_WIDTH, customdata=np.stack([y, se], axis=1), name="loss change",
         marker_color=[HURTS if v >= 0 else HELPS for v in y], text=[f"{v:+.3f}" for v in y],
         textposition="outside", cliponaxis=False,
-        hovertemplate="block %{x} skipped: %{customdata:+.4f} nats/token<extra></extra>"))
+        hovertemplate="block %{x} skipped: %{customdata[0]:+.4f} \u00b1 %{customdata[1]:.4f} nats/token"
+                      "<extra></extra>"))
     tickvals, ticktext = symlog_ticks(y)
     base = f" (baseline {base_loss:.3f} nats/token)" if base_loss is not None else ""
     fig.update_layout(title=f"Loss change when one block is skipped{base}", template="plotly_white",
@@ -68,7 +75,7 @@ def skip_figure(blocks: pd.DataFrame, n_blocks: int, base_loss: float | None) ->
 
 def figures(layers: pd.DataFrame, blocks: pd.DataFrame, sites_df: pd.DataFrame, dist: np.ndarray,
             windows: pd.DataFrame, drop: dict[str, Any] | None, g: GrowthFit, has_lns: bool,
-            base_loss: float | None, n_blocks: int) -> list[Figure]:
+            base_loss: float | None, n_blocks: int, skip_scope: dict[str, Any] | None = None) -> list[Figure]:
     """Every figure of the depth page, in reading order. dist: ``[L+1, L+1]`` mean angular distances."""
     figs: list[Figure] = []
     x = layers["point"].to_numpy()
@@ -130,7 +137,9 @@ def figures(layers: pd.DataFrame, blocks: pd.DataFrame, sites_df: pd.DataFrame, 
                        "Dark squares along the diagonal are runs of layers that barely turn the last token's "
                        "representation: candidates to drop (Gromov et al.)."))
     if "skip_delta_loss" in blocks and blocks["skip_delta_loss"].notna().any():
-        figs.append(Figure("Skip-one-block loss change", skip_figure(blocks, n_blocks, base_loss),
+        figs.append(Figure("Skip-one-block loss change", skip_figure(blocks, n_blocks, base_loss, skip_scope),
+                           f"Measured on {skip_scope_phrase(skip_scope)}, against the baseline loss of the same "
+                           "tokens; the hover gives each change's standard error over those sequences. "
                            "Red bars above zero are blocks the model cannot do without; green bars below zero are "
                            "blocks whose skipping lowers the loss on this text. The axis is linear within "
                            f"\u00b1{SYMLOG_LINEAR:g} nats/token and logarithmic beyond, so small and negative changes "
@@ -183,10 +192,10 @@ def terminal_table(result: Any) -> Any:
         t.add_column(col, justify="right")
     layers = {row["point"]: row for row in r.payload["layers"]}
     for row in r.payload["blocks"]:
-        d = row.get("skip_delta_loss")
+        d, se = row.get("skip_delta_loss"), row.get("skip_delta_loss_se")
+        cell = "" if d is None or d != d else f"{d:+.3f}" + ("" if se is None or se != se else f" \u00b1{se:.3f}")
         t.add_row(str(row["block"]), f"{100 * row['rel_update']:.1f}%", f"{100 * row['rel_update_attn']:.1f}%",
-                  f"{100 * row['rel_update_mlp']:.1f}%", f"{layers[row['block'] + 1]['norm_rest']:.1f}",
-                  "" if d is None or d != d else f"{d:+.3f}")
+                  f"{100 * row['rel_update_mlp']:.1f}%", f"{layers[row['block'] + 1]['norm_rest']:.1f}", cell)
     return t
 
 

@@ -41,6 +41,7 @@ LABELS = {  # words for table, column and headline names on pages and in compare
     "rel_update_mlp": "relative update of the MLP",
     "skip_delta_loss": "loss change when the block is skipped",
     "skip_loss": "loss with the block skipped",
+    "skip_delta_loss_se": "standard error of that loss change, over the sequences measured",
     "angular_to_next": "angular distance to the next block",
     "divisor_rest": "norm divisor, positions > 0",
     "divisor_pos0": "norm divisor, position 0",
@@ -57,6 +58,7 @@ LABELS = {  # words for table, column and headline names on pages and in compare
     "loss": "loss (nats/token)",
     "costliest_block_to_skip": "costliest block to skip (loss change)",
     "cheapest_block_to_skip": "cheapest block to skip (loss change)",
+    "skip_measured_on": "skip losses measured on",
     "lns_delta_loss": "LNS what-if: loss change (nats/token)",
 }
 
@@ -180,7 +182,7 @@ def _sig(x: float, digits: int = 3) -> str:
 
 def summary(layers: pd.DataFrame, blocks: pd.DataFrame, g: GrowthFit, base_loss: float | None,
             lns_loss: float | None, has_lns: bool, drop: dict[str, Any] | None, n_blocks: int, dropped: int,
-            post_ln: bool, massive: pd.DataFrame) -> list[str]:
+            post_ln: bool, massive: pd.DataFrame, skip_scope: dict[str, Any] | None = None) -> list[str]:
     """The interpretation paragraphs of the depth page, in reading order."""
     out = [quotable_line(blocks, n_blocks)]
     e, last = layers["norm_rest"].iloc[0], layers["norm_rest"].iloc[-2]
@@ -200,7 +202,7 @@ def summary(layers: pd.DataFrame, blocks: pd.DataFrame, g: GrowthFit, base_loss:
     if m is not None:
         out.append(m)
     if "skip_delta_loss" in blocks and blocks["skip_delta_loss"].notna().any():
-        out.append(skip_line(blocks, base_loss))
+        out.append(skip_line(blocks, base_loss, skip_scope))
     if drop is not None:
         out.append(
             f"Gromov et al.'s rule picks blocks {drop['start']}-{drop['end']} as the cheapest window of {drop['n']} "
@@ -226,22 +228,41 @@ def summary(layers: pd.DataFrame, blocks: pd.DataFrame, g: GrowthFit, base_loss:
     return out
 
 
-def skip_line(blocks: pd.DataFrame, base_loss: float | None) -> str:
-    """Layer effectiveness in one sentence, right for one block skipped as for many, and for either sign."""
+def skip_scope_phrase(scope: dict[str, Any] | None) -> str:
+    """Which tokens the skip losses were measured on: "all 2,048 tokens" or "512 of the 2,048 tokens (8 of 32
+    sequences, spread over the text)"."""
+    if not scope:
+        return "this text"
+    if scope["tokens"] >= scope["of_tokens"]:
+        return f"all {scope['of_tokens']:,} tokens"
+    return (f"{scope['tokens']:,} of the {scope['of_tokens']:,} tokens ({scope['sequences']} of "
+            f"{scope['of_sequences']} sequences, spread over the text)")
+
+
+def skip_line(blocks: pd.DataFrame, base_loss: float | None, scope: dict[str, Any] | None = None) -> str:
+    """Layer effectiveness in one sentence, right for one block skipped as for many, and for either sign.
+
+    ``scope`` (the analysis' ``skip_scope``): the tokens the losses were measured on and their own baseline."""
     sk = blocks.dropna(subset=["skip_delta_loss"])
+    if scope is not None:
+        base_loss = scope["baseline_loss"]
     base = f" from {base_loss:.3f}" if base_loss is not None else ""
+    on = skip_scope_phrase(scope)
+    se = sk["skip_delta_loss_se"] if "skip_delta_loss_se" in sk else pd.Series(dtype=float)
+    se_part = (f"; standard error over the sequences {se.min():.3f}-{se.max():.3f} nats/token"
+               if se.notna().any() else "")
     if len(sk) == 1:
         v, b = float(sk["skip_delta_loss"].iloc[0]), int(sk["block"].iloc[0])
-        return (f"Layer effectiveness: skipping block {b} (identity) on this text {'raises' if v >= 0 else 'lowers'} "
-                f"the loss{base} by {abs(v):.3f} nats/token.")
+        return (f"Layer effectiveness: skipping block {b} (identity) on {on} {'raises' if v >= 0 else 'lowers'} "
+                f"the loss{base} by {abs(v):.3f} nats/token{se_part}.")
     w = sk.loc[sk["skip_delta_loss"].idxmax()]
     c = sk.loc[sk["skip_delta_loss"].idxmin()]
     which = f" ({block_list(sk['block'].tolist())})" if len(sk) <= 5 else ""
-    line = (f"Layer effectiveness: skipping one block (identity) on this text changes the loss{base} by "
+    line = (f"Layer effectiveness: skipping one block (identity) on {on} changes the loss{base} by "
             f"{sk['skip_delta_loss'].median():+.3f} nats/token at the median over the {len(sk)} blocks "
             f"skipped{which}; block {int(w['block'])} is the costliest ({w['skip_delta_loss']:+.3f})")
     n_help = int((sk["skip_delta_loss"] < 0).sum())
     if n_help:
         line += (f"; skipping lowers the loss for {n_help} of them (most for block {int(c['block'])}: "
                  f"{c['skip_delta_loss']:+.3f})")
-    return line + "."
+    return line + se_part + "."

@@ -44,7 +44,7 @@ from normscope.analyses.hubness.metrics import (
 )
 from normscope.analyses.hubness.options import REFERENCES, HubnessOptions
 from normscope.analyses.hubness.plan import Point, TokenMeta, default_layers, group_points, plan_points, token_meta
-from normscope.analyses.hubness.reducers import MatrixCollector
+from normscope.analyses.hubness.reducers import MatrixCollector, SinkColumns
 from normscope.analyses.hubness.report import AXES, LABELS, figures, summary
 from normscope.core.attention import SinkTokens
 from normscope.core.capture import Capture
@@ -95,6 +95,7 @@ def run(ctx: RunContext, opts: HubnessOptions) -> Result:
     total = sample.n_tokens * len(groups) + n_knn + (1 if with_unembed else 0)
     sink_tokens = SinkTokens(info.is_causal)
     nonfinite: list[list[dict[str, Any]]] = []  # one inf/NaN report per pass
+    n_searched = 0  # k-NN searches run (identical matrices share one)
     with _task(progress, "hubness", total) as advance:
         for gi, group in enumerate(groups):
             cap = Capture(model, layout, sites)
@@ -104,7 +105,7 @@ def run(ctx: RunContext, opts: HubnessOptions) -> Result:
                 watch_residual(cap, layout)  # every block's output checked for inf/NaN once
                 for b in layout.blocks:
                     if b.attn is not None:
-                        cap.add(f"blocks.{b.index}.attn.hook_pattern", sink_tokens)
+                        cap.add(f"blocks.{b.index}.attn.hook_col_sum", SinkColumns(sink_tokens))
                 if with_unembed and layout.final_norm is not None:
                     hook = f"{layout.final_norm.name}.hook_out"
                     final_col = collectors.get(hook) or cap.add(hook, MatrixCollector(n_tok))
@@ -126,13 +127,15 @@ def run(ctx: RunContext, opts: HubnessOptions) -> Result:
             done: list[tuple[torch.Tensor, dict[str, Any]]] = []  # identical matrices share results
             for p in group:
                 x = collectors[p.hook].take()  # [n_tokens, d]
-                nks = next((r for m, r in done if m.shape == x.shape and torch.equal(m, x)), None)
+                nks = next((r for m, r in done if m.shape == x.shape and m.device == x.device and torch.equal(m, x)),
+                           None)
                 if nks is None:
                     nks = {}
                     for metric in opts.metrics:
                         t0 = time.perf_counter()
                         idx = knn_indices(x, opts.k, metric, block_size=opts.block_size)
                         timings["k-NN search"] += time.perf_counter() - t0
+                        n_searched += 1
                         nks[metric] = (k_occurrence(idx, x.shape[0]), position0_stats(idx, meta.pos))
                         if advance:
                             advance(1)
@@ -154,6 +157,8 @@ def run(ctx: RunContext, opts: HubnessOptions) -> Result:
                         hubs.append({"point": p.label, "layer": p.layer, "metric": metric, "rank": rank + 1, **r})
                     hists.setdefault(p.label, {})[metric] = nk
             del done
+    if n_searched:
+        timings[f"k-NN search, per point and metric (mean of {n_searched})"] = timings["k-NN search"] / n_searched
     result = _build_result(lm, sample, opts, layers, points, groups, results, hubs, hists,
                            unembed_scores, unembed_rows, meta, timings, bytes_per_point)
     flag_nonfinite(result, merge_nonfinite(nonfinite, Capture(model, layout, sites).points()))
@@ -192,18 +197,18 @@ def context_unembed_hubness(h: torch.Tensor, unembed: Any, meta: TokenMeta, tok:
     """
     w_u = resident(unembed)  # [vocab, d]; read from the offload under --device-map
     assert w_u is not None
-    w = w_u.float().cpu()
+    w = w_u.float()  # on W_U's device: the search runs there, as the model's own logits would
     bias = resident(unembed, "bias")
-    b = bias.float().cpu() if bias is not None else None
+    b = bias.float().to(w.device) if bias is not None else None
     vocab = w.shape[0]
     k = min(opts.k, vocab)
     idx = torch.empty(h.shape[0], k, dtype=torch.long)
     step = max(1, min(opts.block_size, int(2**26 // max(vocab, 1))))  # ~256 MB of logits per block
     for s in range(0, h.shape[0], step):
-        logits = h[s:s + step] @ w.T  # [b, vocab]
+        logits = h[s:s + step].to(w.device) @ w.T  # [b, vocab]
         if b is not None:
             logits += b
-        idx[s:s + step] = logits.topk(k, dim=1).indices
+        idx[s:s + step] = logits.topk(k, dim=1).indices.cpu()
     nk = k_occurrence(idx, vocab)
     scores = hubness_scores(nk, k, opts.hub_size)
     freq = Counter(int(t) for t in meta.next_ids.tolist() if t >= 0)

@@ -60,7 +60,7 @@ def knn_indices(
             # minus the squared distance up to |q|^2 (constant per row): larger is nearer for every metric
             sim.mul_(2).sub_(g_sq[None, :])
         if self_search:
-            rows = torch.arange(qb.shape[0])
+            rows = torch.arange(qb.shape[0], device=sim.device)
             sim[rows, rows + start] = -math.inf
         out[start:start + qb.shape[0]] = _topk_random_ties(sim, k, gen).cpu()
     return out

@@ -29,7 +29,8 @@ class HubnessOptions:
     metric: str = opt("both", choices=(*METRICS, "both"))
     """Distance between token representations: euclidean, cosine or both."""
     layers: str | None = None
-    """Blocks to analyse (all, or e.g. 0,12,-1). Default: every third block plus the last."""
+    """Blocks to analyse (all, or e.g. 0,12,-1). Default: 6 blocks spread from the first to the last (each block
+    adds 5 points, two k-NN searches each)."""
     sites: bool = True
     """Also analyse the input and output of every norm site of those blocks (and the final norm)."""
     unembed: bool = True

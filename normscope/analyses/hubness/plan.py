@@ -41,9 +41,15 @@ class TokenMeta:
     sink_ids: set[int] = field(default_factory=set)  # token ids that act as attention sinks after position 0
 
 
-def default_layers(n_layers: int) -> list[int]:
-    """Every third block plus the last one: 0, 3, 6, ..., n-1."""
-    return sorted(set(range(0, n_layers, 3)) | {n_layers - 1})
+DEFAULT_N_LAYERS = 6  # blocks analysed by default: each costs 5 points (two norms' input and output, its output)
+
+
+def default_layers(n_layers: int, n: int = DEFAULT_N_LAYERS) -> list[int]:
+    """``n`` blocks spread evenly from the first to the last (every block when the model has no more):
+    0, 6, 12, 17, 23, 29 of 30."""
+    if n_layers <= n:
+        return list(range(n_layers))
+    return sorted({round(i * (n_layers - 1) / (n - 1)) for i in range(n)})
 
 
 def plan_points(layout: Any, sites: list[Any], layers: list[int], with_sites: bool) -> list[Point]:
