@@ -111,7 +111,7 @@ def run(ctx: RunContext, opts: HubnessOptions) -> Result:
                     final_col = collectors.get(hook) or cap.add(hook, MatrixCollector(n_tok))
             t0 = time.perf_counter()
             with cap:
-                cap.run(sample.iter_batches(), progress=advance)
+                cap.run(sample.iter_batches(), progress=advance, logits=False)  # no logits read
             timings["forward passes"] += time.perf_counter() - t0
             nonfinite.append(cap.nonfinite_report())
             if gi == 0:
