@@ -201,7 +201,8 @@ def prepare(model_opts: Any, text_opts: Any, progress: Progressor, *, for_traini
                         trust_remote_code=m.trust_remote_code, for_training=for_training,
                         allow_pickle=m.allow_pickle, device_map=m.device_map, max_memory=m.max_memory,
                         offload_folder=m.offload_folder)
-    check_memory(lm, text_opts.batch_size, text_opts.seq_len, training=for_training)
+    check_memory(lm, text_opts.batch_size, text_opts.seq_len, training=for_training,
+                 state_bytes_per_param=4 if for_training else 0)  # grads' float32 gradient sums
     with progress.status("tokenizing text"):
         sample = load_text(lm.tokenizer, text_opts, max_positions=lm.info.max_positions, is_causal=lm.info.is_causal)
     return lm, sample

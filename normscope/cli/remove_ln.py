@@ -254,7 +254,8 @@ def _remove_ln(
     with progress.status(f"loading {model}"):
         lm = load_model(model, revision=m.revision, dtype="float32", device=device,  # fp32 master weights
                         trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
-    check_memory(lm, batch_size, seq_len, training=not gradient_checkpointing)
+    check_memory(lm, batch_size, seq_len, training=not gradient_checkpointing,
+                 state_bytes_per_param=12)  # float32 gradients + AdamW's two moments
     if not lm.info.is_causal:
         raise NormscopeError(f"remove-ln fine-tunes next-token prediction, so it needs a causal LM; {model} is an "
                              "encoder.")

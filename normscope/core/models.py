@@ -444,20 +444,28 @@ def estimate_batch_bytes(info: ModelInfo, vocab_size: int, batch_size: int, seq_
     return per_layer * layers_alive + logits
 
 
-def check_memory(lm: LoadedModel, batch_size: int, seq_len: int, *, training: bool = False) -> None:
-    """Refuse, with a smaller ``--batch-size`` to try, when one batch clearly will not fit in free memory."""
+def check_memory(lm: LoadedModel, batch_size: int, seq_len: int, *, training: bool = False,
+                 state_bytes_per_param: int = 0) -> None:
+    """Refuse, with a smaller ``--batch-size`` to try, when one batch clearly will not fit in free memory.
+
+    ``training`` keeps every layer's activations for the backward pass; ``state_bytes_per_param`` is what
+    training holds per parameter beside the weights: 4 for grads' float32 gradient sums, 12 for remove-ln
+    (float32 gradients and AdamW's two moments)."""
     free = available_memory_bytes(lm.info.device)
     if free is None:
         return
     vocab = int(getattr(lm.model.config, "vocab_size", 0) or 0)
-    need = estimate_batch_bytes(lm.info, vocab, batch_size, seq_len, training=training)
-    if need > 0.9 * free:
-        fit = max(int(batch_size * 0.9 * free / need), 0)
+    batch = estimate_batch_bytes(lm.info, vocab, batch_size, seq_len, training=training)
+    state = state_bytes_per_param * int(lm.info.n_params or 0)
+    if batch + state > 0.9 * free:
+        fit = max(int(batch_size * (0.9 * free - state) / batch), 0) if batch else 0
         hint = f"try --batch-size {fit}" if fit >= 1 else "use a shorter --seq-len or a bigger machine"
-        raise NormscopeError(
-            f"One batch of {batch_size} x {seq_len} tokens needs about {need / 2**30:.1f} GiB but only "
-            f"{free / 2**30:.1f} GiB is free on {lm.info.device}; {hint}."
-        )
+        what = f"one batch of {batch_size} x {seq_len} tokens needs about {batch / 2**30:.1f} GiB"
+        if state:
+            what += f" and the gradients{' and AdamW state' if state_bytes_per_param > 4 else ''} " \
+                    f"{state / 2**30:.1f} GiB"
+        raise NormscopeError(f"{what[0].upper()}{what[1:]}, but only {free / 2**30:.1f} GiB is free on "
+                             f"{lm.info.device}; {hint}.")
 
 
 def _first_attr(obj: Any, names: tuple[str, ...], default: Any) -> Any:

@@ -25,7 +25,9 @@ arXiv:2104.08821, with masking as the augmentation).
 
 Accumulation: one forward and one backward pass per batch, no graph kept. Each batch's loss is scaled by its
 share of the whole text, so the ``.grad`` the parameters accumulate over batches IS the gradient of the mean
-loss over the whole text (not a mean of per-batch norms). Residual-stream gradients are reduced to per-token
+loss over the whole text (not a mean of per-batch norms); for a bfloat16/float16 model that sum is kept in
+float32 (:class:`~normscope.analyses.grads.params.Fp32GradSums`), since a half-precision ``.grad`` loses the
+later batches' shares. Residual-stream gradients are reduced to per-token
 norms inside tensor hooks registered during the forward pass; nothing per token is kept. A batch whose
 activations or loss overflow to inf/NaN (fp16/bf16) gets no backward pass, since one NaN would poison every
 accumulated gradient: the gradients are rescaled to the mean over the batches kept, and the report names the
@@ -48,7 +50,7 @@ from normscope.analyses.grads.effective import EffectiveLR, measure_effective
 from normscope.analyses.grads.losses import LOSS_NAMES, Masker, choose_loss, forward_loss, loss_units
 from normscope.analyses.grads.metrics import l2, thirds_ratio
 from normscope.analyses.grads.options import REFERENCES, GradsOptions
-from normscope.analyses.grads.params import grads_enabled, param_groups
+from normscope.analyses.grads.params import Fp32GradSums, grads_enabled, param_groups
 from normscope.analyses.grads.reducers import ResidualGrad
 from normscope.analyses.grads.report import figures, summary, terminal_table
 from normscope.core.capture import Capture
@@ -161,8 +163,8 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
             "AdamW's moments and a host copy of the weights (3x the parameters), weights restored after"
             if opts.steps else "; --steps N adds an N-step AdamW fine-tune") + ".")
     t0 = time.perf_counter()
-    with grads_enabled(model), cap, _task(progress, f"gradients ({LOSS_NAMES[kind].split(':')[0][:40]})",
-                                           n_tok) as adv:
+    with grads_enabled(model) as params, Fp32GradSums(params) as sums, cap, \
+            _task(progress, f"gradients ({LOSS_NAMES[kind].split(':')[0][:40]})", n_tok) as adv:
         for i, b in enumerate(batches):
             b = TokenBatch(b.input_ids.to(dev), b.attention_mask.to(dev), list(b.categories))
             masked = masks(b, i)
@@ -195,7 +197,7 @@ def measure(lm: Any, sample: Any, opts: GradsOptions | None = None, progress: An
         rescale = n_units / kept_units  # 1.0 unless batches were left out: the mean over the batches kept
         rows = []
         for g in groups:
-            grads = [p.grad for p in g.params if p.grad is not None]
+            grads = [x for x in (sums.grad(p) for p in g.params) if x is not None]
             rows.append({"block": g.block, "group": g.group, "grad_norm": l2(grads) * rescale,
                          "param_norm": l2([p.detach() for p in g.params]), "n_params": g.n_params})
     seconds = time.perf_counter() - t0
@@ -276,8 +278,9 @@ def _build_result(lm: Any, sample: Any, opts: GradsOptions, p: GradProfile) -> R
         if p.effective.steps:
             tables["updates"] = p.effective.updates
     payload: dict[str, Any] = {"model": p.model, "profiles": [p.to_dict()],  # one profile: a list for the JSON's sake
-                               "accumulation": "gradient of the mean loss over the whole text, accumulated in .grad "
-                                               "over batches (one backward per batch)"}
+                               "accumulation": "gradient of the mean loss over the whole text, accumulated over "
+                                               "batches (one backward per batch; in float32 for half-precision "
+                                               "models)"}
     return Result(analysis="grads", title="Gradient flow per layer", meta=build_meta(lm, sample, **opts.__dict__),
                   payload=payload, tables=tables, axes=AXES, labels=LABELS, figures=figures(p), headlines=headlines,
                   summary=summary(p), references=REFERENCES, timings={f"forward + backward, {p.model}": p.seconds,

@@ -24,10 +24,26 @@ import torch.nn.functional as F
 __all__ = ["effective_lr", "l2", "mask_positions", "masked_view_loss", "mean_pool", "relative_update", "thirds_ratio"]
 
 
+L2_CHUNK = 1 << 22  # elements per piece of :func:`l2`: a float32 copy of a half-precision piece is 16 MiB
+
+
 def l2(tensors: list[torch.Tensor]) -> float:
-    """L2 norm of several tensors (any shapes) taken together: sqrt(sum of squares), in float64 (Mix-LN's
-    per-layer gradient norm when the tensors are one block's parameter gradients)."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors)) if tensors else 0.0
+    """L2 norm of several tensors (any shapes) taken together: sqrt(sum of squares) (Mix-LN's per-layer gradient
+    norm when the tensors are one block's parameter gradients).
+
+    Each tensor is read in pieces of :data:`L2_CHUNK` elements whose norms are taken in float32 on the tensor's
+    device (a half-precision piece is cast one piece at a time, never the whole tensor, and never to float64);
+    the pieces' squares are summed in float64, one host sync per tensor. Float32 squares bound it to norms
+    below ~1e19.
+    """
+    total = 0.0
+    for t in tensors:
+        flat = t.detach().reshape(-1)  # [numel], a view for the contiguous parameters and gradients
+        if flat.numel() == 0:
+            continue
+        pieces = torch.stack([torch.linalg.vector_norm(c, dtype=torch.float32) for c in flat.split(L2_CHUNK)])
+        total += float(pieces.double().pow(2).sum())
+    return math.sqrt(total)
 
 
 def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

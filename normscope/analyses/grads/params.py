@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["GROUPS", "ParamGroup", "grads_enabled", "param_groups"]
+__all__ = ["GROUPS", "Fp32GradSums", "ParamGroup", "grads_enabled", "param_groups"]
 
 GROUPS = ("attention", "mlp", "norm", "embeddings", "unembedding", "other")
 
@@ -87,3 +87,40 @@ def grads_enabled(model: nn.Module) -> Iterator[list[nn.Parameter]]:
         for p, r in zip(params, saved, strict=True):
             p.grad = None
             p.requires_grad_(r)
+
+
+class Fp32GradSums:
+    """Gradients of half-precision parameters summed in float32 over many backward passes.
+
+    A bfloat16 ``.grad`` that accumulates one batch's share after another rounds every sum to 8 bits of
+    mantissa: once the sum is 2^8 times a batch's share, further shares are lost whole (with 512 batches the
+    total stops near half its value). Here a post-accumulate hook moves each half-precision parameter's
+    gradient into a float32 sum after every backward and frees ``.grad``; float32 parameters keep their own
+    ``.grad``. Use as a context manager around the backward passes; :meth:`grad` reads the total.
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.sums: dict[int, torch.Tensor] = {}
+        half = [p for p in params if p.dtype in (torch.float16, torch.bfloat16)]
+        self._handles = [p.register_post_accumulate_grad_hook(self._fold) for p in half]
+
+    def _fold(self, p: torch.Tensor) -> None:
+        assert p.grad is not None
+        s = self.sums.get(id(p))
+        if s is None:
+            self.sums[id(p)] = p.grad.float()  # a new float32 tensor, same shape as p
+        else:
+            s.add_(p.grad)  # float32 += half: the sum happens in float32
+        p.grad = None
+
+    def grad(self, p: nn.Parameter) -> torch.Tensor | None:
+        """The summed gradient of ``p`` (float32 for half-precision parameters), or None if it got none."""
+        return self.sums.get(id(p), p.grad)
+
+    def __enter__(self) -> Fp32GradSums:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
