@@ -379,3 +379,134 @@ def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path):
     assert again.removal.state() == full.removal.state()
     for a, b in zip(m_full.state_dict().values(), m_again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+# ---- the soft clamp kept in the export (--clamp) ---------------------------------------------------------------
+def test_clamp_divides_by_sqrt_d2_plus_live2_over_k2_and_stays_in_eval():
+    """FrozenNorm._clamped against the formula computed directly: an ordinary token within 1/(2K^2) of the frozen
+    divisor, a runaway normalised down to about K x the site's scale, position 0 on its exact live divisor; and
+    unlike the guard, the clamp is the same in training and in evaluation."""
+    from normscope.removal.frozen import clamp_ratio
+
+    model, layout, sites = _setup()
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, _bos_ids())
+    w = rem["blocks.1.ln2"]
+    d = w.divisor
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(1)) * d  # [batch, pos, d_model]
+    x[1, 3] *= 200.0  # a runaway token
+    w.clamp = 4.0
+    live = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + w.eps)  # [2, 6, 1]
+    want = x / torch.sqrt(d * d + live.pow(2) / 16.0) * w.weight  # [2, 6, 64]
+    want[:, 0] = x[:, 0] / live[:, 0] * w.weight  # the fixed prefix: exact live divisor
+    for mode in (w.train, w.eval):
+        mode()
+        assert torch.allclose(w(x), want, atol=1e-5, rtol=1e-5)
+    out_rms = (w(x) / w.weight).pow(2).mean(-1).sqrt()  # [2, 6]
+    assert float(out_rms[1, 3]) == pytest.approx(4.0, rel=1e-3)  # normalised to K x the site's scale
+    rms = x[0, 1:].pow(2).mean(-1).sqrt()  # [5]: ordinary tokens, near the site's scale
+    assert torch.allclose(out_rms[0, 1:], rms / torch.sqrt(d * d + live[0, 1:, 0].pow(2) / 16), rtol=1e-4)
+    assert float((out_rms[0, 1:] * d / rms - 1).abs().max()) < 1 / 16  # within ~1/(2K^2) of LN-free
+    r = clamp_ratio(live, d, 4.0)
+    assert float(clamp_ratio(torch.tensor([d]), d, 4.0)) == pytest.approx(1.0)
+    assert float(r[1, 3]) == pytest.approx(float(live[1, 3]) / (4 * d) / math.sqrt(1 + 1 / 16), rel=1e-3)
+
+
+def test_clamped_export_is_a_plain_rmsnorm_per_site_eps_and_loads_exactly(tmp_path):
+    """The clamped sites fold into RMSNorms with their own eps (K^2 d^2 + eps0) and gain K w: the export, loaded
+    through normscope (per-site eps from the manifest, BOS divisors back) or through plain transformers plus the
+    prefix, gives the trained model's logits; with the config's one eps alone it does not."""
+    from transformers import AutoModelForCausalLM
+
+    from normscope.core.lnfree import apply_site_eps
+    from normscope.core.models import load_model
+    from normscope.removal.prefix import Prefix
+
+    model, layout, sites = _setup()
+    ids = _bos_ids()
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, ids)
+    for w in rem:
+        w.clamp = 2.0  # tight enough that the clamp changes the logits measurably
+    with torch.no_grad():
+        want = model(input_ids=ids).logits  # [batch, pos, vocab]
+        for w in rem:
+            w.clamp = 0.0
+        unclamped = model(input_ids=ids).logits
+        for w in rem:
+            w.clamp = 2.0
+    assert (want - unclamped).abs().max() > 1e-3
+    out, _ = export_model(model, rem, tiny_tokenizer(), tmp_path / "exp", {}, prefix=compute_prefix(model, [BOS]))
+    manifest = json.loads((out / "normscope_removal.json").read_text())
+    assert "per-site eps" in manifest["export_kind"]
+    s0 = manifest["sites"][0]
+    assert s0["clamp"] == 2.0 and s0["folded_eps"] == pytest.approx(4 * s0["divisor"] ** 2 + s0["original_eps"])
+    lm = load_model(str(out), device="cpu", dtype="float32")
+    with torch.no_grad():
+        got = lm.model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    plain = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
+    pm = PrefixModel(plain, Prefix.load(out)).eval()
+    with torch.no_grad():
+        bare = pm(input_ids=ids).logits  # the config's single eps: not the trained model
+    assert (bare[:, 1:] - want[:, 1:]).abs().max() > 1e-2
+    assert apply_site_eps(plain, out) == len(sites)
+    with torch.no_grad():
+        fixed = pm(input_ids=ids).logits
+    assert torch.allclose(fixed[:, 1:], want[:, 1:], atol=1e-4, rtol=1e-4)
+
+
+def test_clamp_usage_counts_what_a_direct_count_of_each_sites_input_gives():
+    from normscope.removal.evaluate import clamp_usage
+    from normscope.removal.frozen import clamp_ratio
+
+    model, layout, sites = _setup()
+    ids = _bos_ids(n=4, t=12)
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, ids)
+    for w in rem:
+        w.clamp = 1.0
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [w.register_forward_pre_hook(lambda m, a, n=w.site_name: seen.__setitem__(n, a[0].detach()))
+             for w in rem]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    hit_any = torch.zeros(4, 11, dtype=torch.bool)
+    direct = {}
+    for w in rem:
+        r = clamp_ratio(w.live_divisor(seen[w.site_name])[:, 1:], w.divisor, 1.0)[..., 0]  # [batch, pos - 1]
+        direct[w.site_name] = float((r > 1.1).float().mean())
+        hit_any |= r > 1.1
+    info = clamp_usage(model, rem, sample_from_ids(ids.tolist(), ["x"] * 4, batch_size=2))
+    assert info["tokens"] == 44
+    assert info["share_any_site"] == pytest.approx(float(hit_any.float().mean()))
+    assert {s["site"]: s["share"] for s in info["sites"]} == pytest.approx(direct)
+    assert 0 < info["share_any_site"] < 1
+
+
+def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from normscope.cli import app
+    from tests.test_removal import TEXT
+    from tests.tiny import save_tiny
+
+    folder = save_tiny(tiny_llama(), tiny_tokenizer(), tmp_path / "llama")
+    (tmp_path / "train.txt").write_text(TEXT * 12)
+    (tmp_path / "eval.txt").write_text(TEXT[::-1] * 3)
+    res = CliRunner().invoke(app, [
+        "remove-ln", str(folder), "--text", str(tmp_path / "train.txt"), "--eval-text", str(tmp_path / "eval.txt"),
+        "--steps", "10", "--seq-len", "32", "--batch-size", "4", "--exact-bos", "--taper", "--start", "2",
+        "--ramp-steps", "5", "--clamp", "4", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "rep" / "remove-ln.json").read_text())
+    h = rep["headlines"]
+    assert h["clamp"] == 4.0 and 0 <= h["clamp_share_of_tokens"] <= 1 and h["clamp_worst_site"]
+    assert "per-site eps" in json.loads((tmp_path / "run" / "ln-free-model" / "normscope_removal.json")
+                                        .read_text())["export_kind"]
+    models = [r["model"] for r in rep["ce"]]
+    assert models == ["original", "LN-free", "LN-free, clamp off"]
+    assert h["export_max_logit_diff"] < 1e-3
+    assert "soft clamp (--clamp 4)" in " ".join(rep["summary"])

@@ -7,22 +7,36 @@
 #   C: B with the gate over 400 of 600 steps
 #   D: a warm start from C's finished run (both parts): 240 more steps with every site removed, at a quarter of
 #      C's peak learning rate and half its gradient clip (the gate held at 1; C's control continued alike)
+#   E: C's recipe with a soft clamp kept in the export (--clamp 4: not LN-free for the tokens it catches), the gate
+#      over 200 of 330 steps
+# A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
+#   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
+#   bash benchmarks/lnfree/variant.sh E score
 cd "$(dirname "$0")/../.." || exit 1
 export OMP_NUM_THREADS=1
-V=${1:?give the variant: A, B, C or D}
+V=${1:?give the variant: A, B, C, D or E}
+STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
   B) SCHEDULE="--start 8 --ramp-steps 65 --steps 120 --guard 4" ;;
   C) SCHEDULE="--start 10 --ramp-steps 400 --steps 600 --guard 4" ;;
   D) SCHEDULE="--init-from runs/C --steps 240 --lr 5e-5 --grad-clip 0.5 --guard 4" ;;
-  *) echo "unknown variant '$V'; give A, B, C or D" >&2; exit 2 ;;
+  E) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --guard 4 --clamp 4" ;;
+  *) echo "unknown variant '$V'; give A, B, C, D or E" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor
       --distill --batch-size 4 --seq-len 128 --eval-max-tokens 8192 --save-every 25 --keep-checkpoints 1
       --run-dir "runs/$V" --out "runs/$V/report")
-R=(); [ -d "runs/$V/ln-free" ] && R=(--resume)
-.venv/bin/normscope "${ARGS[@]}" --only ln-free "${R[@]}" || exit $?
-R=(); [ -d "runs/$V/control" ] && R=(--resume)
-.venv/bin/normscope "${ARGS[@]}" --control --only control "${R[@]}" || exit $?
-.venv/bin/normscope "${ARGS[@]}" --control --resume
+case "$STAGE" in all|ln-free|control|score) ;; *) echo "unknown stage '$STAGE'; give ln-free, control or score" >&2; exit 2 ;; esac
+if [ "$STAGE" = all ] || [ "$STAGE" = ln-free ]; then
+  R=(); [ -d "runs/$V/ln-free" ] && R=(--resume)
+  .venv/bin/normscope "${ARGS[@]}" --only ln-free "${R[@]}" || exit $?
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = control ]; then
+  R=(); [ -d "runs/$V/control" ] && R=(--resume)
+  .venv/bin/normscope "${ARGS[@]}" --control --only control "${R[@]}" || exit $?
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = score ]; then
+  .venv/bin/normscope "${ARGS[@]}" --control --resume
+fi

@@ -160,6 +160,11 @@ def _remove_ln(
         "--guard", min=0.0, help="Training only: normalise any token whose divisor exceeds this many times its "
         "site's frozen divisor down to that ratio, and penalise the excess, so a rare token running away through "
         "frozen SwiGLU MLPs gives a gradient instead of a skipped step (the export has no guard; 0: off).")] = 0.0,
+    clamp: Annotated[float, typer.Option(
+        "--clamp", min=0.0, help="A soft clamp kept in the export: a removed site divides by sqrt(d^2 + "
+        "live^2/K^2), within 1/(2K^2) of its frozen d for ordinary tokens, while a runaway token is normalised "
+        "down to K times the site's scale (an RMSNorm with eps K^2 d^2). Not LN-free for the tokens it "
+        "catches; the report counts them (0: off).")] = 0.0,
     aux_anchor: Annotated[bool, typer.Option(
         "--aux-anchor", help="Fixed target for the final norm's aux loss: the calibrated mean divisor of "
         "ordinary tokens (TaperNorm's scale anchor).")] = False,
@@ -268,7 +273,8 @@ def _remove_ln(
                          distill_weight=distill_weight if distill else 0.0, momentum=momentum,
                          first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
                          save_every=save_every, keep_checkpoints=keep_checkpoints,
-                         exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard, precision=m.dtype,
+                         exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard, clamp=clamp,
+                         precision=m.dtype,
                          init_from=str(init_from) if init_from else None,
                          gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, log_sites=log_sites and not fsdp)
     ropts = RemoveLnOptions(train=topts, control=control, sites=sites, run_dir=rdir, resume=resume, export=export,

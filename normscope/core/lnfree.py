@@ -68,6 +68,35 @@ def _site_hook(k: int, centered: bool, divisor: float, eps: float, big_eps: floa
     return hook
 
 
+def apply_site_eps(model: nn.Module, folder: Path) -> int:
+    """Give every norm of a soft-clamped export (``remove-ln --clamp``) its own eps from the manifest, which the
+    config's single eps cannot hold; returns how many modules were set (0 for any other folder)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return 0
+    n = 0
+    for site in manifest.get("sites", []):
+        if not site.get("clamp"):
+            continue
+        try:
+            mod = model.get_submodule(site["path"])
+        except AttributeError as exc:
+            raise NormscopeError(f"{folder}: the export's manifest names {site['path']}, which the model lacks; "
+                                 "the folder's weights and manifest come from different runs.") from exc
+        n += set_module_eps(mod, float(site["folded_eps"]))
+    return n
+
+
+def set_module_eps(mod: nn.Module, eps: float) -> int:
+    """Set a norm module's own eps attribute (transformers reads it at every forward, not the config's);
+    returns 1 when the module had one."""
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        if isinstance(getattr(mod, attr, None), float):
+            setattr(mod, attr, eps)
+            return 1
+    return 0
+
+
 def install_exact_bos(model: nn.Module, folder: Path) -> dict[str, Any] | None:
     """Give the prefix positions of an exact-BOS export their live divisors back (see the module docstring).
 
@@ -87,8 +116,11 @@ def install_exact_bos(model: nn.Module, folder: Path) -> dict[str, Any] | None:
             raise NormscopeError(f"{folder}: the export's manifest names {site['path']}, which the model lacks; "
                                  "the folder's weights and manifest come from different runs.") from exc
         centered = site.get("kind") == "layernorm"
+        # a soft-clamped site was folded with its own eps and divisor (removal.export.folded_site)
+        site_eps = float(site.get("folded_eps") or big_eps)
+        site_div = float(site.get("folded_divisor") or site["divisor"])
         handles.append(mod.register_forward_hook(_site_hook(
-            k, centered, float(site["divisor"]), float(site["original_eps"]), big_eps, getattr(mod, "bias", None))))
+            k, centered, site_div, float(site["original_eps"]), site_eps, getattr(mod, "bias", None))))
     return {"export_kind": str(manifest.get("export_kind", "")), "prefix_ids": prefix,
             "sites": len(manifest["sites"]), "handles": handles}
 

@@ -350,10 +350,12 @@ def load_model(
     else:
         model.to(dev)
     exact_bos = None
-    if source == "folder" and not for_training:  # an exact-BOS LN-free export: its BOS keeps its own divisor
-        from normscope.core.lnfree import install_exact_bos
+    if source == "folder":
+        from normscope.core.lnfree import apply_site_eps, install_exact_bos
 
-        exact_bos = install_exact_bos(model, Path(where))
+        apply_site_eps(model, Path(where))  # a soft-clamped LN-free export: each norm has its own eps
+        if not for_training:  # an exact-BOS LN-free export: its BOS keeps its own divisor
+            exact_bos = install_exact_bos(model, Path(where))
     model.train(for_training)
     if not for_training:
         for p in model.parameters():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from normscope.core.losses import token_losses
+from normscope.removal.frozen import Removal, clamp_ratio
 
 
 @dataclass
@@ -144,3 +145,53 @@ def residual_norms(model: nn.Module, sample: Any, max_batches: int = 2) -> pd.Da
         cap.run(batches)
     return pd.DataFrame([{"layer": i, "first_token": r.mean("pos0"), "other_tokens": r.mean("rest")}
                          for i, r in sorted(red.items())])
+
+
+def clamp_usage(model: nn.Module, removal: Removal, sample: Any, level: float = 1.1) -> dict[str, Any]:
+    """What the soft clamp (``remove-ln --clamp K``) did on held-out text: the share of tokens (past the fixed
+    prefix) that some site divided more than ``level`` x as hard as a token at the site's scale, i.e. where the
+    model is not LN-free (:func:`normscope.removal.frozen.clamp_ratio`), per site and over all sites, and the
+    largest ratio. One forward pass per batch; the hooks keep counts, never activations."""
+    per_site: dict[str, list[int]] = {}
+    state: dict[str, Any] = {"any": None, "max": 1.0}
+    handles = []
+
+    def make(w: Any) -> Any:
+        def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            if not (w.clamp > 0 and w.frozen and w.divisor is not None):
+                return
+            live = w.live_divisor(args[0])  # [batch, pos, ..., 1]
+            k = max(w.n_fixed, w.aux_skip_first)
+            r = clamp_ratio(live[:, k:], w.divisor, w.clamp)
+            r = r.reshape(r.shape[0], r.shape[1], -1).amax(dim=-1)  # [batch, pos - k]
+            hit = torch.nan_to_num(r, nan=float("inf")) > level
+            cnt = per_site.setdefault(w.site_name, [0, 0])
+            cnt[0] += int(hit.sum())
+            cnt[1] += int(hit.numel())
+            state["any"] = hit if state["any"] is None else state["any"] | hit
+            state["max"] = max(state["max"], float(torch.nan_to_num(r, nan=float("inf")).max()))
+        return pre
+
+    for w in removal:
+        handles.append(w.register_forward_pre_hook(make(w)))
+    device = next(model.parameters()).device
+    hits = total = 0
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in sample.iter_batches():
+                state["any"] = None
+                model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+                if state["any"] is not None:
+                    hits += int(state["any"].sum())
+                    total += int(state["any"].numel())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    shares = {n: c[0] / c[1] if c[1] else 0.0 for n, c in per_site.items()}
+    worst = max(shares, key=lambda n: shares[n]) if shares else None
+    return {"level": level, "share_any_site": hits / total if total else 0.0, "tokens": total,
+            "max_ratio": state["max"], "worst_site": worst, "worst_site_share": shares[worst] if worst else 0.0,
+            "sites": [{"site": n, "share": v, "tokens": per_site[n][1]} for n, v in shares.items()]}

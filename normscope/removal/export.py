@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from normscope.core.errors import NormscopeError
+from normscope.core.lnfree import set_module_eps
 from normscope.removal.frozen import Removal
 from normscope.report import atomic_dir
 
@@ -43,6 +44,22 @@ def folded_gain(weight: torch.Tensor, divisor: float, eps: float, gain_offset: f
     """
     w = weight.detach().double() + gain_offset
     return (w * (math.sqrt(eps) / divisor) - gain_offset).to(weight.dtype)
+
+
+def folded_site(w: Any, eps: float = DEFAULT_EPS) -> tuple[float, float]:
+    """``(eps, divisor)`` to fold one frozen site with :func:`folded_gain`.
+
+    A plain frozen site takes the huge shared ``eps`` and its divisor ``d``. A soft-clamped one (``w.clamp = K``
+    > 0, see :meth:`normscope.removal.frozen.FrozenNorm._clamped`) divides by ``sqrt(d^2 + (ms + eps0) / K^2)``,
+    which is ``sqrt(ms + E) / K`` with its own ``E = K^2 d^2 + eps0``: an RMSNorm (LayerNorm) with that eps and
+    the gain ``K w``, i.e. ``folded_gain`` with the divisor ``sqrt(E) / K``.
+    """
+    assert w.divisor is not None
+    k = float(getattr(w, "clamp", 0.0) or 0.0)
+    if k <= 0:
+        return eps, float(w.divisor)
+    site_eps = k * k * float(w.divisor) ** 2 + float(w.eps)
+    return site_eps, math.sqrt(site_eps) / k
 
 
 def export_check(removal: Removal) -> None:
@@ -96,11 +113,9 @@ def fold(model: nn.Module, removal: Removal, eps: float = DEFAULT_EPS) -> nn.Mod
         for w in removal:
             site = next(s for s in removal.sites if s.name == w.site_name)
             mod: Any = plain.get_submodule(site.path)
-            assert w.divisor is not None
-            mod.weight.copy_(folded_gain(mod.weight, w.divisor, eps, w.gain_offset))
-            for attr in ("eps", "variance_epsilon", "epsilon"):
-                if isinstance(getattr(mod, attr, None), float):
-                    setattr(mod, attr, eps)
+            site_eps, site_div = folded_site(w, eps)
+            mod.weight.copy_(folded_gain(mod.weight, site_div, site_eps, w.gain_offset))
+            set_module_eps(mod, site_eps)
     keys = _eps_keys(plain.config, old_eps)
     if not keys:
         raise NormscopeError(f"{type(plain.config).__name__} has no eps setting normscope knows "
@@ -126,17 +141,25 @@ def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Pa
         sites = []
         for w in removal:
             site = next(s for s in removal.sites if s.name == w.site_name)
+            site_eps, site_div = folded_site(w, eps)
             sites.append({"name": w.site_name, "path": site.path, "role": w.role, "kind": site.kind,
                           "divisor": w.divisor, "first_token_divisor": w.divisor_first,
+                          "clamp": w.clamp or None, "folded_eps": site_eps, "folded_divisor": site_div,
                           "frozen_at_step": w.frozen_at, "value_path_frozen_at_step": w.frozen_v_at,
                           "original_eps": w.eps})
+        clamped = any(w.clamp for w in removal)
         kind = ("plain checkpoint + BOS key/value prefix (bos_prefix.safetensors)" if prefix is not None
-                else "plain checkpoint")
+                else "plain checkpoint") + (" + per-site eps (soft clamp; see sites[].folded_eps)" if clamped else "")
         full = {"format": "normscope LN-free export", "export_kind": kind, "eps": eps,
                 "prefix_ids": prefix.ids.tolist() if prefix is not None else None,
                 "note": ("Every norm divides by the constant sqrt(eps): gain = w * sqrt(eps) / divisor. Load in "
                          "float32 or bfloat16 (float16 overflows the folded gains). Replace the norms by their "
-                         "gain (an elementwise scale) after folding for exact linear attribution."),
+                         "gain (an elementwise scale) after folding for exact linear attribution."
+                         if not clamped else
+                         "Soft-clamped sites: each norm keeps its own eps = K^2 d^2 + eps0 (sites[].folded_eps) and "
+                         "the gain K w, so it divides by sqrt(d^2 + ms / K^2): within 1 / (2 K^2) of the constant d "
+                         "for ordinary tokens, a norm for tokens above K d. The config's one eps cannot say this: "
+                         "set each module's variance_epsilon from sites[].folded_eps after loading."),
                 "sites": sites, **manifest}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=str))
     return out_dir, plain

@@ -73,6 +73,13 @@ def blended_first_divisor(d_first: float, d_rest: float, blend: float) -> float:
     return math.exp((1.0 - blend) * math.log(d_first) + blend * math.log(d_rest))
 
 
+def clamp_ratio(live: torch.Tensor, divisor: float, k: float) -> torch.Tensor:
+    """How much harder the soft clamp (``remove-ln --clamp K``) divides a token than a token at the site's scale:
+    ``sqrt(1 + (live / (K d))^2) / sqrt(1 + 1 / K^2)``, 1 for ``live = d`` and about ``live / (K d)`` for a
+    token running away. live: ``[..., 1]`` per-token RMS (std); same shape out."""
+    return torch.sqrt(1.0 + (live.float() / (k * divisor)).pow(2)) / math.sqrt(1.0 + 1.0 / (k * k))
+
+
 def aux_spread(div: torch.Tensor, form: str = "squared", *, skip: int = 0,
                target: float | None = None) -> torch.Tensor:
     """Auxiliary loss on the spread of per-token divisors (Baroni et al. 2025, normalised by target^2).
@@ -151,6 +158,7 @@ class FrozenNorm(nn.Module):
         self.aux_skip_first = 0  # the aux loss leaves positions < this out (a fixed prefix keeps its divisors)
         self.guard = 0.0  # training only: cap a token's divisor ratio at guard (0: off); see guard_penalty
         self.guard_weight = 10.0
+        self.clamp = 0.0  # a soft clamp kept in the export: divisor sqrt(d^2 + live^2 / clamp^2) (0: off)
         # per-forward switches and outputs
         self.tracking = False
         self.aux = False
@@ -237,14 +245,31 @@ class FrozenNorm(nn.Module):
             xf = xf - xf.mean(dim=-1, keepdim=True)
         inv = self._frozen_inverse(x)
         guard = self.guard > 0 and self.training
-        if ramp < 1.0 or guard:
+        if ramp < 1.0 or guard or self.clamp > 0:
             live = torch.sqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # [..., 1], with gradients
+        if self.clamp > 0:
+            inv = self._clamped(x, inv, live)
         if ramp < 1.0:
             frozen = inv if isinstance(inv, torch.Tensor) else torch.tensor(inv, device=x.device)
             inv = torch.exp(-(1.0 - ramp) * torch.log(live) + ramp * torch.log(frozen))
         if guard:  # training only: a token above guard x the frozen divisor is normalised down to guard
             inv = torch.minimum(torch.as_tensor(inv, device=x.device), self.guard / live)
         return self._affine(xf * inv, x.dtype)
+
+    def _clamped(self, x: torch.Tensor, inv: torch.Tensor | float, live: torch.Tensor) -> torch.Tensor:
+        """The soft clamp: ``1 / sqrt(d^2 + live^2 / K^2)`` past the fixed prefix (``d`` the frozen divisor).
+
+        An ordinary token (live ~ d) is divided by ``d * sqrt(1 + 1/K^2)``, within ``1 / (2 K^2)`` of the
+        frozen constant; a token running away (live >> K d) is normalised down to ``K`` times the site's
+        scale, in training and in the export alike (an RMSNorm with eps ``K^2 d^2`` and gain ``K w`` computes
+        exactly this). The fixed prefix keeps its exact live divisor. ``[batch, pos, ..., 1]``.
+        """
+        d = 1.0 / inv if isinstance(inv, torch.Tensor) else torch.tensor(1.0 / inv, device=x.device)
+        c = torch.rsqrt(d.pow(2) + (live / self.clamp).pow(2))  # [batch, pos, ..., 1]
+        if self.n_fixed and isinstance(inv, torch.Tensor) and inv.shape[0] == c.shape[0] and x.dim() >= 2:
+            k = min(self.n_fixed, x.shape[1])
+            c = torch.cat([inv[:, :k].expand_as(c[:, :k]), c[:, k:]], dim=1)
+        return c
 
     def guard_penalty(self, div: torch.Tensor) -> torch.Tensor | None:
         """mean_t relu(log(d_t / (guard * d)))^2 over positions past the fixed prefix: what the guard had to
@@ -351,7 +376,7 @@ class FrozenNorm(nn.Module):
         return {k: getattr(self, k) for k in ("ema", "ema_first", "divisor", "divisor_first", "first_blend",
                                               "frozen", "frozen_v", "split_v", "frozen_at", "frozen_v_at", "ramp",
                                               "ramp_v", "n_fixed", "follow", "aux_target", "aux_skip_first",
-                                              "guard", "guard_weight")}
+                                              "guard", "guard_weight", "clamp")}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

@@ -363,6 +363,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
     if opts.export and all_removed and res.diverged_at is None:
         ts = time.perf_counter()
         with progress.status("exporting the LN-free model"):
+            from normscope.core.lnfree import apply_site_eps
             from normscope.removal.prefix import PrefixModel, compute_prefix
 
             prefix = None
@@ -376,6 +377,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
 
             exported: nn.Module = AutoModelForCausalLM.from_pretrained(export_dir, attn_implementation="eager",
                                                                        dtype=torch.float32)
+            apply_site_eps(exported, export_dir)
             exported.to(next(original.parameters()).device).eval()
             if prefix is not None:
                 exported = PrefixModel(exported, prefix).eval()
@@ -404,6 +406,16 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
     with progress.task("evaluating", eval_sample.n_tokens * len(models)) as adv:
         for name, m in models.items():
             scored[name] = ev.per_token_losses(m, eval_sample, progress=adv)
+    clamp_info = None
+    if any(w.clamp > 0 for w in res.removal):  # the soft clamp: how often it acts, and the same weights without it
+        clamp_info = ev.clamp_usage(student, res.removal, eval_sample)
+        kept = {w.site_name: w.clamp for w in res.removal}
+        for w in res.removal:
+            w.clamp = 0.0
+        with progress.task("evaluating without the clamp", eval_sample.n_tokens) as adv:
+            scored[CLAMP_OFF] = ev.per_token_losses(student, eval_sample, progress=adv)
+        for w in res.removal:
+            w.clamp = kept[w.site_name]
     norms = {}
     for name, m in models.items():
         if m is ln_free and topts.exact_bos:
@@ -414,7 +426,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
         res.removal.uninstall()
 
     result = build_result(lm, train_sample, eval_sample, opts, res, ctrl_hist, scored, norms, costs,
-                          export_dir, export_diff, export_note)
+                          export_dir, export_diff, export_note, clamp_info=clamp_info)
     result.headlines["export_kind"] = export_kind
     timings["total"] = time.perf_counter() - t0
     result.timings = timings
@@ -445,7 +457,7 @@ def _train_control(original: nn.Module, train_sample: Any, opts: RemoveLnOptions
 def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions, res: Any,
                  ctrl_hist: list[StepLog], scored: dict[str, ev.TokenLosses], norms: dict[str, pd.DataFrame],
                  costs: pd.DataFrame | None, export_dir: Path | None, export_diff: float | None,
-                 export_note: str) -> Result:
+                 export_note: str, clamp_info: dict[str, Any] | None = None) -> Result:
     topts = opts.train
     stats = {name: ev.loss_summary(tl.losses) for name, tl in scored.items()}
     ce_rows = []
@@ -500,6 +512,13 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
         "export": str(export_dir) if export_dir else None,
         "export_max_logit_diff": export_diff,
     }
+    if clamp_info is not None:
+        headlines.update({
+            "clamp": topts.clamp,
+            "clamp_share_of_tokens": round(clamp_info["share_any_site"], 5),
+            "clamp_worst_site": clamp_info["worst_site"],
+            "ce_ln_free_clamp_off": round(stats[CLAMP_OFF]["mean"], 4),
+        })
     payload = {
         "model": lm.info.spec,
         "train_text": train_sample.to_dict(),
@@ -516,6 +535,7 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
         "export_dir": str(export_dir) if export_dir else None,
         "export_max_logit_diff": export_diff,
         "resumed_from_step": res.resumed_from,
+        "clamp_usage": clamp_info,
     }
     tables: dict[str, pd.DataFrame] = {"ce": ce, "grown_tokens": grown, "sites": sites_df, "schedule": schedule_df,
                                        "history": hist}
@@ -523,6 +543,8 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
         tables["residual_norms"] = norm_df
     summary = _summary(lm, train_sample, eval_sample, opts, res, stats, ce, grown, norm_df, export_dir,
                        export_diff, export_note, tokens, costs)
+    if clamp_info is not None:
+        summary.insert(1, clamp_sentence(topts.clamp, clamp_info, stats))
     figures = _figures(res, ctrl_hist, scored, sites_df, norm_df, costs)
     settings = {**{k: v for k, v in asdict(topts).items() if k != "schedule"}, "schedule": asdict(topts.schedule),
                 "control": opts.control, "sites": opts.sites or "all", "eps": opts.eps,
@@ -530,6 +552,22 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
     return Result(analysis="remove-ln", title="LayerNorm / RMSNorm removal by fine-tuning",
                   meta=build_meta(lm, train_sample, **settings), payload=payload, tables=tables, figures=figures,
                   headlines=headlines, summary=summary, references=REFERENCES)
+
+
+CLAMP_OFF = "LN-free, clamp off"
+"""The scored name of a soft-clamped run's weights evaluated without the clamp (pure frozen divisors)."""
+
+
+def clamp_sentence(k: float, info: dict[str, Any], stats: dict[str, dict[str, float]]) -> str:
+    """What the soft clamp means for the "LN-free" numbers: the model is not LN-free where it acts."""
+    off = stats[CLAMP_OFF]
+    return (f"The \"LN-free\" model keeps a soft clamp (--clamp {k:g}): each removed site divides by sqrt(d^2 + "
+            f"live^2/{k:g}^2), so it is not LN-free for the tokens the clamp catches. On the held-out text "
+            f"{info['share_any_site']:.2%} of {info['tokens']:,} tokens were divided more than "
+            f"{info['level']:g}x as hard as a token at the site's scale at some site ({info['worst_site']} "
+            f"most often: {info['worst_site_share']:.2%}; largest ratio {info['max_ratio']:.3g}). The same weights "
+            f"without the clamp (frozen divisors only) score {off['mean']:.4g} (median {off['median']:.3f}, 99th "
+            f"percentile {off['p99']:.3g}).")
 
 
 def damage_at_position(base: ev.TokenLosses, new: ev.TokenLosses, position: int) -> float | None:

@@ -59,7 +59,7 @@ TRAINER_FILE = "trainer.pt"
 
 
 REMOVAL_ONLY = ("distill_weight", "momentum", "first_token", "split_value", "schedule", "aux_anchor", "guard",
-                "guard_weight")
+                "guard_weight", "clamp")
 """TrainOptions fields that only the LN-free run reads (a control ignores them)."""
 
 
@@ -112,6 +112,12 @@ class TrainOptions:
     loss), so a rare runaway token through consecutive frozen SwiGLU MLPs gives a gradient instead of an
     overflowing, skipped step. The export has no guard; the held-out CE is measured on the export. 0: off."""
     guard_weight: float = 10.0
+    clamp: float = 0.0
+    """A soft clamp kept in the export (0: off): a removed site divides by ``sqrt(d^2 + live^2 / clamp^2)``
+    instead of its frozen ``d``, so an ordinary token is within ``1 / (2 clamp^2)`` of LN-free and a runaway
+    token is normalised down to ``clamp`` x the site's scale, in training and in the export alike (an RMSNorm
+    with eps ``clamp^2 d^2`` and gain ``clamp w``). Not LN-free for the tokens it catches: the evaluation
+    counts them."""
     aux_anchor: bool = False
     """Give the final norm's aux loss a fixed target, the calibrated mean divisor of positions >= 1 (TaperNorm's
     scale anchor), instead of the batch mean."""
@@ -420,8 +426,8 @@ def warm_start(model: nn.Module, removal: Removal, ckpt: Path, fingerprint: dict
         raise NormscopeError(f"--init-from: the run in {ckpt.parent} had not removed every site "
                              f"({len(unfinished)} still live or ramping); resume it with --resume instead.")
     removal.load_state(theirs)
-    for w in removal:  # this run's guard, not the earlier one's
-        w.guard, w.guard_weight = opts.guard, opts.guard_weight
+    for w in removal:  # this run's guard and clamp, not the earlier one's
+        w.guard, w.guard_weight, w.clamp = opts.guard, opts.guard_weight, opts.clamp
 
 
 def train(
@@ -485,7 +491,7 @@ def train(
         if not control:
             w.n_fixed = opts.fixed_prefix if opts.exact_bos else 0
             w.follow = opts.schedule.taper
-            w.guard, w.guard_weight = opts.guard, opts.guard_weight
+            w.guard, w.guard_weight, w.clamp = opts.guard, opts.guard_weight, opts.clamp
     aux_names = _aux_site_names(removal, opts.aux_sites)
     # the site log reads whole weights on rank 0 alone, which a sharded model cannot do without the others
     watch = (SiteWatch(removal, site_consumers(layout, removal), WriterUpdates(site_writers(model, layout, sites)))
