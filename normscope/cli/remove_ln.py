@@ -31,6 +31,7 @@ from normscope.cli.common import (
     quiet_libraries,
 )
 from normscope.cli.options import OUTPUT, Group, command
+from normscope.cli.training import load_texts, run_training
 from normscope.core.errors import NormscopeError
 from normscope.core.io import slugify
 from normscope.core.options import ModelOptions, OutputOptions, TextOptions, validate
@@ -221,8 +222,7 @@ def _remove_ln(
     import torch
 
     from normscope.core.models import check_memory, load_model
-    from normscope.core.text import load_text
-    from normscope.removal import RemoveLnOptions, ScheduleOptions, StopFlag, TrainingStopped, TrainOptions
+    from normscope.removal import RemoveLnOptions, ScheduleOptions, TrainOptions
     from normscope.removal.dist import rank_device
     from normscope.removal.pipeline import check, run, self_generated_sample
 
@@ -293,32 +293,19 @@ def _remove_ln(
         if not quiet:
             eprint(f"no --text given: training on {self_generated} sequences sampled from the model itself "
                    "(--self-generated); give --text for your own corpus.")
+    train_sample, data_note = None, ""
     if self_generated:
         train_sample = self_generated_sample(lm, self_generated, seq_len, batch_size, seed,
                                              cache=rdir / f"self-generated-{self_generated}x{seq_len}-s{seed}.pt",
                                              progress=progress)
         data_note = (f"{self_generated} sequences of {seq_len} tokens sampled from {model} itself "
                      f"(temperature 1, seed {seed})")
-    else:
-        opts = TextOptions(paths=list(text) if text else None, dataset=dataset, seq_len=seq_len,
-                           max_tokens=tokens_needed,
-                           batch_size=batch_size, seed=seed, bos=bos, controls=False)
-        with progress.status("tokenizing training text"):
-            train_sample = load_text(lm.tokenizer, opts, max_positions=lm.info.max_positions, is_causal=True)
-        data_note = train_sample.source
-    eopts = TextOptions(paths=list(eval_text) if eval_text else None, seq_len=seq_len, max_tokens=eval_max_tokens,
-                        batch_size=batch_size, seed=seed, bos=bos, controls=False)
-    try:
-        eval_sample = load_text(lm.tokenizer, eopts, max_positions=lm.info.max_positions, is_causal=True)
-    except NormscopeError as exc:
-        raise NormscopeError(f"--eval-text is unusable: {exc}") from None
-    ropts.data_note = data_note
-    try:
-        result = run(lm, train_sample, eval_sample, ropts, progress=progress, stop=StopFlag())
-    except TrainingStopped as exc:
-        eprint(f"{exc.signame}: saved a checkpoint after step {exc.step} in {exc.path}; continue with the same "
-               "command plus --resume.")
-        raise typer.Exit(code=143 if exc.signame == "SIGTERM" else 130) from None
+    train_sample, eval_sample, text_note = load_texts(
+        lm, progress, paths=text, dataset=dataset, seq_len=seq_len, max_tokens=tokens_needed,
+        batch_size=batch_size, seed=seed, bos=bos, eval_text=eval_text, eval_max_tokens=eval_max_tokens,
+        train_sample=train_sample)
+    ropts.data_note = data_note or text_note
+    result = run_training(run, lm, train_sample, eval_sample, ropts, progress=progress)
     if result is None:  # --only, or a non-zero rank of a distributed run
         if only and not quiet and int(os.environ.get("RANK", "0")) == 0:
             eprint(f"{only} run trained in {rdir}; evaluate with the same command plus --resume --control "

@@ -13,6 +13,7 @@ from normscope.cli import app
 from normscope.cli.common import check_output, eprint, finish, guarded, output_dir, quiet_libraries
 from normscope.cli.options import OUTPUT, Group, command
 from normscope.cli.remove_ln import DEFAULT_SELF_GENERATED, RemovalProgress
+from normscope.cli.training import load_texts, run_training
 from normscope.core.errors import NormscopeError
 from normscope.core.io import slugify
 from normscope.core.options import ModelOptions, OutputOptions, TextOptions, validate
@@ -112,8 +113,6 @@ def _swap(
     import torch
 
     from normscope.core.models import check_memory, load_model
-    from normscope.core.text import load_text
-    from normscope.removal import StopFlag, TrainingStopped
     from normscope.removal.pipeline import self_generated_sample
     from normscope.swap.pipeline import SwapOptions, check, run, swap_train_options
 
@@ -139,31 +138,18 @@ def _swap(
         if not o.quiet:
             eprint(f"no --text given: training on {self_generated} sequences sampled from the model itself "
                    "(--self-generated); give --text for your own corpus.")
+    train_sample, data_note = None, ""
     if self_generated:
         train_sample = self_generated_sample(lm, self_generated, t.seq_len, t.batch_size, t.seed,
                                              cache=rdir / f"self-generated-{self_generated}x{t.seq_len}-s{t.seed}.pt",
                                              progress=progress)
         data_note = f"{self_generated} sequences of {t.seq_len} tokens sampled from {m.model} itself"
-    else:
-        topt = TextOptions(paths=list(t.paths) if t.paths else None, dataset=t.dataset, seq_len=t.seq_len,
-                           max_tokens=t.max_tokens or steps * grad_accum * t.batch_size * t.seq_len,
-                           batch_size=t.batch_size, seed=t.seed, bos=bos, controls=False)
-        with progress.status("tokenizing training text"):
-            train_sample = load_text(lm.tokenizer, topt, max_positions=lm.info.max_positions, is_causal=True)
-        data_note = train_sample.source
-    eopts = TextOptions(paths=list(eval_text) if eval_text else None, seq_len=t.seq_len, max_tokens=eval_max_tokens,
-                        batch_size=t.batch_size, seed=t.seed, bos=bos, controls=False)
-    try:
-        eval_sample = load_text(lm.tokenizer, eopts, max_positions=lm.info.max_positions, is_causal=True)
-    except NormscopeError as exc:
-        raise NormscopeError(f"--eval-text is unusable: {exc}") from None
-    sopts.data_note = data_note
-    try:
-        result = run(lm, train_sample, eval_sample, sopts, progress=progress, stop=StopFlag())
-    except TrainingStopped as exc:
-        eprint(f"{exc.signame}: saved a checkpoint after step {exc.step} in {exc.path}; continue with the same "
-               "command plus --resume.")
-        raise typer.Exit(code=143 if exc.signame == "SIGTERM" else 130) from None
+    train_sample, eval_sample, text_note = load_texts(
+        lm, progress, paths=t.paths, dataset=t.dataset, seq_len=t.seq_len,
+        max_tokens=t.max_tokens or steps * grad_accum * t.batch_size * t.seq_len, batch_size=t.batch_size,
+        seed=t.seed, bos=bos, eval_text=eval_text, eval_max_tokens=eval_max_tokens, train_sample=train_sample)
+    sopts.data_note = data_note or text_note
+    result = run_training(run, lm, train_sample, eval_sample, sopts, progress=progress)
     finish(result, folder, quiet=o.quiet, as_json=o.json, table=_table(result))
     failure = run_failure(result.headlines)
     if failure:
