@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from normscope.cli import app
-from tests.tiny import save_tiny as _save_tiny
 from tests.tiny import (
+    one_line_error,
     tiny_bert,
     tiny_gemma2,
     tiny_gpt2,
@@ -21,6 +21,7 @@ from tests.tiny import (
     tiny_qwen3,
     tiny_tokenizer,
 )
+from tests.tiny import save_tiny as _save_tiny
 
 runner = CliRunner()
 
@@ -39,15 +40,6 @@ ARCHS = {
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {name: _save_tiny(fn(), tiny_tokenizer(), root / name) for name, (fn, _) in ARCHS.items()}
-
-
-def _one_line_error(result, exit_code: int = 2) -> str:
-    out = result.output
-    assert result.exit_code == exit_code, out
-    assert "Traceback" not in out
-    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
-    assert lines and lines[0].startswith("error:"), out
-    return " ".join(lines)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -101,18 +93,18 @@ def test_sinks_report_renders_in_chromium(tiny_dirs, tmp_path) -> None:
 
 # ---- bad input: one line, exit code 2 ------------------------------------------------------------------
 def test_unknown_model_path(tmp_path) -> None:
-    msg = _one_line_error(runner.invoke(app, ["sinks", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]))
+    msg = one_line_error(runner.invoke(app, ["sinks", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]))
     assert "No model" in msg
     assert not (tmp_path / "o").exists()
 
 
 def test_invalid_model_id() -> None:
-    assert "not a valid model" in _one_line_error(runner.invoke(app, ["sites", "bad id!"]))
+    assert "not a valid model" in one_line_error(runner.invoke(app, ["sites", "bad id!"]))
 
 
 def test_hub_id_offline(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    msg = _one_line_error(runner.invoke(app, ["sites", "someone/not-cached-model-xyz"]))
+    msg = one_line_error(runner.invoke(app, ["sites", "someone/not-cached-model-xyz"]))
     assert "hub" in msg and "smollm2-135m" in msg
 
 
@@ -121,20 +113,20 @@ def test_cuda_without_cuda() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert "CUDA" in _one_line_error(runner.invoke(app, ["sinks", "--device", "cuda", "--out", "/nonexistent-dir/x"]))
+    assert "CUDA" in one_line_error(runner.invoke(app, ["sinks", "--device", "cuda", "--out", "/nonexistent-dir/x"]))
 
 
 def test_corrupted_gguf(tmp_path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf at all" * 100)
-    assert "GGUF" in _one_line_error(runner.invoke(app, ["sites", str(bad)]))
+    assert "GGUF" in one_line_error(runner.invoke(app, ["sites", str(bad)]))
     half = tmp_path / "half.gguf"
     half.write_bytes(b"GGUF" + bytes(range(256)) * 4)  # right magic, garbage after it
-    assert "GGUF" in _one_line_error(runner.invoke(app, ["sites", str(half)]))
+    assert "GGUF" in one_line_error(runner.invoke(app, ["sites", str(half)]))
 
 
 def test_folder_without_config(tmp_path) -> None:
-    assert "config.json" in _one_line_error(runner.invoke(app, ["sites", str(tmp_path)]))
+    assert "config.json" in one_line_error(runner.invoke(app, ["sites", str(tmp_path)]))
 
 
 @pytest.mark.parametrize(
@@ -153,17 +145,17 @@ def test_bad_text_files(tiny_dirs, tmp_path, setup, needle) -> None:
     out = tmp_path / "o"
     res = runner.invoke(app, ["sinks", str(tiny_dirs["gpt2"]), "--text", str(f), "--seq-len", "32",
                               "--out", str(out)])
-    assert needle in _one_line_error(res).lower()
+    assert needle in one_line_error(res).lower()
     assert not out.exists() or not any(out.iterdir())
 
 
 def test_seq_len_beyond_positions(tiny_dirs) -> None:
     res = runner.invoke(app, ["sinks", str(tiny_dirs["gpt2"]), "--seq-len", "100000"])
-    assert "seq" in _one_line_error(res).lower()
+    assert "seq" in one_line_error(res).lower()
 
 
 def test_bad_bos_value(tiny_dirs) -> None:
-    assert "--bos" in _one_line_error(runner.invoke(app, ["sinks", str(tiny_dirs["gpt2"]), "--bos", "maybe"]))
+    assert "--bos" in one_line_error(runner.invoke(app, ["sinks", str(tiny_dirs["gpt2"]), "--bos", "maybe"]))
 
 
 def test_failed_run_keeps_previous_report(tiny_dirs, tmp_path) -> None:
@@ -215,7 +207,7 @@ def test_pickle_only_checkpoint_needs_allow_pickle(tmp_path) -> None:
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     tiny_tokenizer().save_pretrained(folder)
     assert not list(folder.glob("*.safetensors"))
-    msg = _one_line_error(runner.invoke(app, ["sites", str(folder)]))
+    msg = one_line_error(runner.invoke(app, ["sites", str(folder)]))
     assert "--allow-pickle" in msg
     res = runner.invoke(app, ["sites", str(folder), "--allow-pickle", "--json"])
     assert res.exit_code == 0, res.output

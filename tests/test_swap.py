@@ -21,7 +21,7 @@ from normscope.swap.fit import GridSums, error_table, fit_sites, make_function
 from normscope.swap.functions import Derf, DyT, SeeDNorm, alpha_grid
 from normscope.swap.pipeline import SwapOptions, run, swap_train_options
 from normscope.swap.site import SwapWrappers, swap_schedule
-from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from tests.tiny import one_line_error, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
         "cabbage and old rag mats. At one end of it a coloured poster had been tacked to the wall. ")
@@ -283,10 +283,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(folders, tmp_path, case):
         "resume": [r / "llama", "--to", "dyt", *base, "--resume"],
     }[case]
     res = _cli(args)
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
-    assert lines and lines[0].startswith("error:") and "Traceback" not in res.output
-    assert len(" ".join(lines)) < 400
+    assert len(one_line_error(res)) < 400
     if case == "bhyt":
         assert "primary source" in res.output
     if case == "encoder":

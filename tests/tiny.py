@@ -26,6 +26,7 @@ import string
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -195,3 +196,14 @@ def save_tiny(model: nn.Module, tokenizer: object, path: str | os.PathLike[str])
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def one_line_error(result: Any, exit_code: int = 2) -> str:
+    """Assert a CLI result is the one-line refusal every command gives bad input (exit code 2, a line that starts
+    with "error:", no traceback); returns the message."""
+    out = result.output
+    assert result.exit_code == exit_code, out
+    assert "Traceback" not in out
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    assert lines and lines[0].startswith("error:"), out
+    return " ".join(lines)

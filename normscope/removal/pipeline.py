@@ -108,17 +108,25 @@ def select_sites(sites: list[Any], patterns: list[str] | None) -> list[Any]:
     return chosen
 
 
-def model_sites(model: nn.Module, spec: str) -> tuple[Any, list[Any]]:
-    """Layout and norm sites, with one-line errors for models remove-ln cannot work on."""
+def model_sites(model: nn.Module, spec: str, command: str = "remove-ln") -> tuple[Any, list[Any]]:
+    """Layout and norm sites, with one-line errors for models ``command`` (remove-ln, swap) cannot fine-tune."""
     try:
         layout = find_layout(model)
         sites = find_norm_sites(model, layout)
     except NormscopeError as exc:
-        raise NormscopeError(f"{spec} has no norm sites remove-ln can remove: {exc}") from None
+        raise NormscopeError(f"{spec} has no norm sites {command} can work on: {exc}") from None
     if not layout.is_causal:
-        raise NormscopeError(f"remove-ln fine-tunes next-token prediction, so it needs a causal LM; {spec} is an "
-                             "encoder.")
+        raise NormscopeError(f"{command} fine-tunes causal LMs for now (next-token prediction and distillation); "
+                             f"{spec} is an encoder.")
     return layout, sites
+
+
+def run_setup(lm: Any, patterns: list[str] | None, command: str = "remove-ln") -> tuple[nn.Module, Any, list[Any]]:
+    """The original model in eval mode, its layout and the sites ``--sites`` chose (a fine-tuning run's start)."""
+    original = lm.model
+    original.eval()
+    layout, sites = model_sites(original, lm.info.spec, command)
+    return original, layout, select_sites(sites, patterns)
 
 
 def self_generated_sample(lm: Any, n: int, seq_len: int, batch_size: int, seed: int, cache: Path | None = None,
@@ -286,10 +294,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
     progress = progress or _NullProgress()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    original = lm.model
-    original.eval()
-    layout, sites = model_sites(original, lm.info.spec)
-    chosen = select_sites(sites, opts.sites)
+    original, layout, chosen = run_setup(lm, opts.sites)
     remove = [s.name for s in chosen]
     run_dir = Path(opts.run_dir)
     sub = {"ln_free": run_dir / "ln-free", "control": run_dir / "control"}

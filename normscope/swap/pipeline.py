@@ -29,7 +29,7 @@ from normscope.core.errors import NormscopeError
 from normscope.core.sites import find_layout, find_norm_sites
 from normscope.removal import evaluate as ev
 from normscope.removal.frozen import Removal
-from normscope.removal.pipeline import _NullProgress, select_sites
+from normscope.removal.pipeline import _NullProgress, model_sites, run_setup, select_sites
 from normscope.removal.train import StepLog, StopFlag, TrainOptions, finished_state, latest_checkpoint, train
 from normscope.report import Result
 from normscope.report.result import build_meta
@@ -81,18 +81,6 @@ class SwapOptions:
     top_tokens: int = 20
 
 
-def model_sites(model: nn.Module, spec: str) -> tuple[Any, list[Any]]:
-    """Layout and norm sites, with one-line refusals for models swap cannot fine-tune."""
-    try:
-        layout = find_layout(model)
-        sites = find_norm_sites(model, layout)
-    except NormscopeError as exc:
-        raise NormscopeError(f"{spec} has no norm sites to swap: {exc}") from None
-    if not layout.is_causal:
-        raise NormscopeError(f"swap fine-tunes causal LMs for now (next-token distillation); {spec} is an encoder.")
-    return layout, sites
-
-
 def check_target(target: str) -> str:
     """The target name, or a one-line refusal (BHyT: its formula is unverified)."""
     t = target.lower()
@@ -106,7 +94,7 @@ def check_target(target: str) -> str:
 def check(lm: Any, opts: SwapOptions) -> None:
     """Fail before any text is read: the target, an encoder, --sites matching nothing, the ramp and steps."""
     check_target(opts.target)
-    _layout, sites = model_sites(lm.model, lm.info.spec)
+    _layout, sites = model_sites(lm.model, lm.info.spec, "swap")
     select_sites(sites, opts.sites)
     if opts.ramp_steps < 1:
         raise NormscopeError("--ramp-steps must be at least 1 (1: every site swapped at step 0).")
@@ -137,10 +125,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: SwapOptions | None =
     progress = progress or _NullProgress()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    original = lm.model
-    original.eval()
-    layout, sites = model_sites(original, lm.info.spec)
-    chosen = select_sites(sites, opts.sites)
+    original, layout, chosen = run_setup(lm, opts.sites, "swap")
     names = [s.name for s in chosen]
     run_dir = Path(opts.run_dir)
     part, cpart = run_dir / target, run_dir / "control"
