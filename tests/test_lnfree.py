@@ -350,8 +350,11 @@ def test_cli_exact_bos_taper_guard_with_control_exports_a_prefix_model(tmp_path)
     assert dla["NMAE, all components (%)"] < 1.0  # the final norm is a fixed scale: DLA is exact
 
 
-def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("clamp", [(0.0, 0.0, 5), (2.0, 6.0, 9)], ids=["guard", "clamp-loosening"])
+def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path, clamp):
     from normscope.removal.train import StopFlag, TrainingStopped
+
+    k0, k1, cut = clamp
 
     ids = _bos_ids(32, 16)
     sample = sample_from_ids(ids.tolist(), ["x"] * 32, batch_size=4, bos_prepended=True)
@@ -365,16 +368,17 @@ def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path):
                 flag.request("SIGTERM")
 
         opts = TrainOptions(steps=12, lr=2e-3, exact_bos=True, aux_sites="all", aux_form="log", aux_anchor=True,
-                            guard=2.0, save_every=4, schedule=ScheduleOptions(start=2, ramp_steps=6,
-                                                                               ramp_shape="cosine", taper=True))
+                            guard=2.0, clamp=k0, clamp_to=k1, save_every=4,
+                            schedule=ScheduleOptions(start=2, ramp_steps=6, ramp_shape="cosine", taper=True))
         return train(model, layout, sites, sample.batches, opts, run_dir, resume=resume, progress=progress,
                      stop=flag), model
 
     full, m_full = run(tmp_path / "full")
     with pytest.raises(TrainingStopped):
-        run(tmp_path / "cut", stop_at=5)
+        run(tmp_path / "cut", stop_at=cut)
     again, m_again = run(tmp_path / "cut", resume=True)
-    assert again.resumed_from == 5
+    assert again.resumed_from == cut
+    assert all(w.clamp == k1 for w in again.removal)  # loosened to --clamp-to by the last step
     assert [h.loss for h in again.history] == [h.loss for h in full.history]
     assert again.removal.state() == full.removal.state()
     for a, b in zip(m_full.state_dict().values(), m_again.state_dict().values(), strict=True):
@@ -510,3 +514,16 @@ def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path):
     assert models == ["original", "LN-free", "LN-free, clamp off"]
     assert h["export_max_logit_diff"] < 1e-3
     assert "soft clamp (--clamp 4)" in " ".join(rep["summary"])
+
+
+def test_clamp_at_holds_until_the_gate_closes_then_loosens_geometrically():
+    from normscope.removal.train import check_clamp, clamp_at
+
+    assert [clamp_at(s, 4.0, 0.0, 5, 20) for s in (0, 10, 19)] == [4.0, 4.0, 4.0]  # no --clamp-to: it stays
+    assert clamp_at(5, 4.0, 64.0, 5, 21) == 4.0 and clamp_at(20, 4.0, 64.0, 5, 21) == pytest.approx(64.0)
+    assert clamp_at(10, 4.0, 64.0, 5, 16) == pytest.approx(16.0)  # halfway in log space
+    check_clamp(4.0, 16.0)
+    with pytest.raises(NormscopeError, match="give --clamp K"):
+        check_clamp(0.0, 16.0)
+    with pytest.raises(NormscopeError, match="only loosens"):
+        check_clamp(8.0, 4.0)

@@ -166,6 +166,10 @@ def _remove_ln(
         "live^2/K^2), within 1/(2K^2) of its frozen d for ordinary tokens, while a runaway token is normalised "
         "down to K times the site's scale (an RMSNorm with eps K^2 d^2). Not LN-free for the tokens it "
         "catches; the report counts them (0: off).")] = 0.0,
+    clamp_to: Annotated[float, typer.Option(
+        "--clamp-to", min=0.0, help="Loosen the --clamp geometrically to this K between the step the gate closes "
+        "and the last step, so the model ends nearly LN-free for every token up to ~K times its site's scale "
+        "(0: the clamp stays).")] = 0.0,
     aux_anchor: Annotated[bool, typer.Option(
         "--aux-anchor", help="Fixed target for the final norm's aux loss: the calibrated mean divisor of "
         "ordinary tokens (TaperNorm's scale anchor).")] = False,
@@ -225,6 +229,7 @@ def _remove_ln(
     from normscope.removal import RemoveLnOptions, ScheduleOptions, TrainOptions
     from normscope.removal.dist import rank_device
     from normscope.removal.pipeline import check, run, self_generated_sample
+    from normscope.removal.train import check_clamp
 
     quiet_libraries()
     progress = RemovalProgress(quiet or as_json)
@@ -237,6 +242,7 @@ def _remove_ln(
     if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise NormscopeError("--fsdp shards the model over several processes; launch with torchrun "
                              "--nproc-per-node N (N >= 2), or drop --fsdp.")
+    check_clamp(clamp, clamp_to)
     if ramp_shape not in ("linear", "cosine"):
         raise NormscopeError(f"--ramp-shape must be linear or cosine, not '{ramp_shape}'.")
     if sum(bool(x) for x in (text, dataset, self_generated)) > 1:
@@ -273,7 +279,7 @@ def _remove_ln(
                          distill_weight=distill_weight if distill else 0.0, momentum=momentum,
                          first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
                          save_every=save_every, keep_checkpoints=keep_checkpoints,
-                         exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard, clamp=clamp,
+                         exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard, clamp=clamp, clamp_to=clamp_to,
                          precision=m.dtype,
                          init_from=str(init_from) if init_from else None,
                          gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, log_sites=log_sites and not fsdp)

@@ -59,7 +59,7 @@ TRAINER_FILE = "trainer.pt"
 
 
 REMOVAL_ONLY = ("distill_weight", "momentum", "first_token", "split_value", "schedule", "aux_anchor", "guard",
-                "guard_weight", "clamp")
+                "guard_weight", "clamp", "clamp_to")
 """TrainOptions fields that only the LN-free run reads (a control ignores them)."""
 
 
@@ -118,6 +118,10 @@ class TrainOptions:
     token is normalised down to ``clamp`` x the site's scale, in training and in the export alike (an RMSNorm
     with eps ``clamp^2 d^2`` and gain ``clamp w``). Not LN-free for the tokens it catches: the evaluation
     counts them."""
+    clamp_to: float = 0.0
+    """Loosen the soft clamp geometrically from ``clamp`` to ``clamp_to`` between the step the gate closes and
+    the last step (:func:`clamp_at`), so the model ends within ``1 / (2 clamp_to^2)`` of LN-free for every token
+    up to about ``clamp_to`` x its site's scale (0: the clamp stays at ``clamp``)."""
     aux_anchor: bool = False
     """Give the final norm's aux loss a fixed target, the calibrated mean divisor of positions >= 1 (TaperNorm's
     scale anchor), instead of the batch mean."""
@@ -179,6 +183,24 @@ class StepLog:
     tokens: int
     seconds: float
     events: list[str] = field(default_factory=list)
+
+
+def clamp_at(step: int, k0: float, k1: float, closed: int, steps: int) -> float:
+    """The soft clamp at ``step``: ``k0`` until the gate has closed (step ``closed``), then geometric to ``k1`` at
+    the last step (``steps - 1``); ``k0`` throughout when ``k1`` is 0 or not above ``k0``."""
+    if k1 <= k0 or step <= closed:
+        return k0
+    t = min(1.0, (step - closed) / max(steps - 1 - closed, 1))
+    return float(math.exp((1.0 - t) * math.log(k0) + t * math.log(k1)))
+
+
+def check_clamp(clamp: float, clamp_to: float) -> None:
+    """One line for a --clamp-to without --clamp, or one below it."""
+    if clamp_to and not clamp:
+        raise NormscopeError("--clamp-to loosens the soft clamp; give --clamp K too (the value it starts from).")
+    if clamp_to and clamp_to < clamp:
+        raise NormscopeError(f"--clamp-to {clamp_to:g} is below --clamp {clamp:g}; the clamp only loosens, so give "
+                             "a larger --clamp-to or none.")
 
 
 class TrainingStopped(Exception):
@@ -596,8 +618,12 @@ def train(
                     if e.step <= step:
                         setattr(removal[e.site], "ramp" if e.path == "main" else "ramp_v", schedule.ramp(e, step))
             blend = schedule.blend(step)
+            k_now = (clamp_at(step, opts.clamp, opts.clamp_to, schedule.done_by, opts.steps)
+                     if not control and opts.clamp > 0 else 0.0)
             for w in removal:
                 w.first_blend = blend
+                if k_now:
+                    w.clamp = k_now
             wrapped.train()
             removal.set(tracking=True, aux_sites=aux_names if opts.aux_weight > 0 else [], aux_form=opts.aux_form)
             if watch is not None:
