@@ -9,12 +9,14 @@
 #      C's peak learning rate and half its gradient clip (the gate held at 1; C's control continued alike)
 #   E: C's recipe with a soft clamp kept in the export (--clamp 4: not LN-free for the tokens it catches), the gate
 #      over 200 of 330 steps
+#   F: a warm start from E's finished run: 120 more steps while the clamp loosens from 4 to 64 (--clamp-to), at
+#      D's learning rate and clip, so the model ends nearly LN-free; scored with and without the clamp
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
 #   bash benchmarks/lnfree/variant.sh E score
 cd "$(dirname "$0")/../.." || exit 1
 export OMP_NUM_THREADS=1
-V=${1:?give the variant: A, B, C, D or E}
+V=${1:?give the variant: A, B, C, D, E or F}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -22,7 +24,8 @@ case "$V" in
   C) SCHEDULE="--start 10 --ramp-steps 400 --steps 600 --guard 4" ;;
   D) SCHEDULE="--init-from runs/C --steps 240 --lr 5e-5 --grad-clip 0.5 --guard 4" ;;
   E) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --guard 4 --clamp 4" ;;
-  *) echo "unknown variant '$V'; give A, B, C, D or E" >&2; exit 2 ;;
+  F) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 4 --clamp-to 64" ;;
+  *) echo "unknown variant '$V'; give A, B, C, D, E or F" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor
