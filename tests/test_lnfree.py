@@ -527,3 +527,29 @@ def test_clamp_at_holds_until_the_gate_closes_then_loosens_geometrically():
         check_clamp(0.0, 16.0)
     with pytest.raises(NormscopeError, match="only loosens"):
         check_clamp(8.0, 4.0)
+
+
+@pytest.mark.parametrize("clamp", [0.0, 2.0], ids=["frozen", "clamped"])
+def test_readme_snippet_runs_the_export_with_plain_transformers(tmp_path, clamp):
+    """The README's plain-transformers snippet, executed as written, gives the trained model's logits after the
+    BOS, for a plain and for a soft-clamped (--clamp) export."""
+    import re
+    from pathlib import Path
+
+    model, layout, sites = _setup()
+    ids = _bos_ids()
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, ids)
+    for w in rem:
+        w.clamp = clamp
+    with torch.no_grad():
+        want = model(input_ids=ids).logits  # [batch, pos, vocab]
+    out, _ = export_model(model, rem, tiny_tokenizer(), tmp_path / "exp", {}, prefix=compute_prefix(model, [BOS]))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("Using the export with plain transformers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    env = {"path": str(out), "B": ids.shape[0], "ids": ids[:, 1:]}
+    with torch.no_grad():
+        exec(code, env)  # noqa: S102 - the documented snippet itself
+    got = env["logits"]  # [batch, pos - 1, vocab]
+    assert torch.allclose(got, want[:, 1:], atol=1e-4, rtol=1e-4), float((got - want[:, 1:]).abs().max())
