@@ -514,6 +514,13 @@ def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path):
     assert models == ["original", "LN-free", "LN-free, clamp off"]
     assert h["export_max_logit_diff"] < 1e-3
     assert "soft clamp (--clamp 4)" in " ".join(rep["summary"])
+    # sinks on the export: its norms are constants for ordinary tokens, so no "outlier-driven rescaling" claim
+    exp = str(tmp_path / "run" / "ln-free-model")
+    res = CliRunner().invoke(app, ["sinks", exp, "--text", str(tmp_path / "eval.txt"), "--seq-len", "32", "--bos",
+                                   "yes", "--force", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    text = " ".join(json.loads((tmp_path / "s" / "sinks.json").read_text())["summary"])
+    assert "remove-ln export" in text and "soft clamp" in text and "Outlier-driven rescaling" not in text
 
 
 def test_clamp_at_holds_until_the_gate_closes_then_loosens_geometrically():

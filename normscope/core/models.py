@@ -350,9 +350,12 @@ def load_model(
     else:
         model.to(dev)
     exact_bos = None
+    ln_free = None
     if source == "folder":
-        from normscope.core.lnfree import apply_site_eps, install_exact_bos
+        from normscope.core.lnfree import apply_site_eps, install_exact_bos, read_manifest
 
+        manifest = read_manifest(Path(where))
+        ln_free = str(manifest.get("export_kind") or "LN-free export") if manifest is not None else None
         apply_site_eps(model, Path(where))  # a soft-clamped LN-free export: each norm has its own eps
         if not for_training:  # an exact-BOS LN-free export: its BOS keeps its own divisor
             exact_bos = install_exact_bos(model, Path(where))
@@ -382,6 +385,8 @@ def load_model(
     extra: dict[str, Any] = {"load_seconds": time.perf_counter() - t0}
     if exact_bos is not None:
         extra["exact_bos"] = exact_bos
+    if ln_free is not None:
+        extra["ln_free_export"] = ln_free  # remove-ln's export: its norms divide ordinary tokens by constants
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, extra=extra)
 
 

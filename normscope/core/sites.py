@@ -129,16 +129,22 @@ def is_norm_module(module: nn.Module) -> bool:
 
 
 def _detached_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with real weights and no accelerate hooks: under ``--device-map`` an offloaded norm's
-    weights are on the meta device (its hook loads them for each call, and would undo the probe's edits)."""
+    """A copy of ``module`` with real weights and no hooks: under ``--device-map`` an offloaded norm's weights are
+    on the meta device (its accelerate hook loads them for each call, and would undo the probe's edits), and an
+    exact-BOS LN-free export's norms carry a forward hook that rescales position 0 (core/lnfree.py), which would
+    make the probe's output differ from the arithmetic it tests."""
     if getattr(module, "_hf_hook", None) is None:
-        return copy.deepcopy(module)
-    from accelerate.hooks import remove_hook_from_module
-    from accelerate.utils import align_module_device
-
-    with align_module_device(module, torch.device("cpu")):
         probe = copy.deepcopy(module)
-    return remove_hook_from_module(probe, recurse=True)
+    else:
+        from accelerate.hooks import remove_hook_from_module
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module, torch.device("cpu")):
+            probe = remove_hook_from_module(copy.deepcopy(module), recurse=True)
+    for m in probe.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    return probe
 
 
 def probe_norm(module: nn.Module, d: int, eps: float) -> tuple[bool, float] | None:

@@ -356,6 +356,6 @@ def _build_result(lm: Any, sample: Any, opts: SinksOptions, layout: Any, attn: d
         figures=figures(heads, layers, massive, sites_df, opts, sample.seq_len),
         headlines=headlines,
         summary=summary(sample, opts, overall, by_category, layers, all_massive_dims, massive, sites_df, ablations,
-                        sink_tokens, arbitrary0),
+                        sink_tokens, arbitrary0, ln_free=lm.extra.get("ln_free_export")),
         references=REFERENCES,
     )

@@ -19,7 +19,7 @@ __all__ = ["figures", "massive_label_layers", "summary"]
 
 def summary(sample: Any, opts: SinksOptions, overall: float, by_cat: dict[str, float], layers: pd.DataFrame,
             dims: list[int], massive: pd.DataFrame, sites_df: pd.DataFrame, ablations: list[dict[str, Any]],
-            sink_tokens: pd.DataFrame, position0_arbitrary: bool) -> list[str]:
+            sink_tokens: pd.DataFrame, position0_arbitrary: bool, ln_free: str | None = None) -> list[str]:
     """The interpretation paragraphs of the page, each with the published numbers to compare against."""
     out = []
     sr = layers["sink_rate"].dropna()
@@ -45,7 +45,14 @@ def summary(sample: Any, opts: SinksOptions, overall: float, by_cat: dict[str, f
         )
     else:
         out.append("No activation passes the massive-activation test (Sun et al. 2024) on this text.")
-    if len(sites_df):
+    if len(sites_df) and ln_free:
+        out.append(
+            "This model is a remove-ln export: its norms divide every ordinary token by a fixed constant"
+            + (" (nearly: a soft clamp normalises only tokens far above a site's scale)" if "eps" in ln_free else "")
+            + " and the BOS keeps its own divisor, so no outlier dim rescales the other dims of an ordinary token. "
+            "The per-site outlier shares below describe the norms' inputs, not a rescaling."
+        )
+    elif len(sites_df):
         worst = sites_df.sort_values("top1_share_first", ascending=False).iloc[0]
         out.append(
             f"Outlier-driven rescaling: at {worst['site']} one dim carries {100 * worst['top1_share_first']:.1f}% of "
