@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -129,17 +130,8 @@ def _figures(label: str, res: Any, ctrl_hist: list[Any], scored: dict[str, ev.To
                                                 "control's CE (dotted)."))
     n_blocks = int(sites["layer"].dropna().max()) + 1 if sites["layer"].notna().any() else 0
     fig = go.Figure()
-    for role, rlabel in ROLES:
-        d = sites[sites.role == role]
-        if not len(d):
-            continue
-        xs = [n_blocks if pd.isna(x) else x for x in d["layer"]]
-        fig.add_trace(go.Scatter(x=xs, y=d["rel_error"], mode="lines+markers", name=f"{rlabel}: fitted",
-                                 text=list(d.site), hovertemplate="%{text}: %{y:.3g}<extra></extra>"))
-        if "rel_error_naive" in d:
-            fig.add_trace(go.Scatter(x=xs, y=d["rel_error_naive"], mode="markers", name=f"{rlabel}: naive",
-                                     marker={"symbol": "x"}, text=list(d.site),
-                                     hovertemplate="%{text} (naive): %{y:.3g}<extra></extra>"))
+    _role_traces(fig, sites, n_blocks, lambda d: d["rel_error"],
+                 (lambda d: d["rel_error_naive"]) if "rel_error_naive" in sites else None, "naive", "x")
     log = bool(sites["rel_error"].gt(0).all())
     fig.update_layout(title="Relative error of each swapped site before training (positions >= 1)",
                       xaxis_title="layer (final norm after the last block)", yaxis_title="relative error",
@@ -149,17 +141,9 @@ def _figures(label: str, res: Any, ctrl_hist: list[Any], scored: dict[str, ev.To
                        "(alpha 0.5, gamma = the norm's weight)."))
     if "alpha" in sites:
         fig = go.Figure()
-        for role, rlabel in ROLES:
-            d = sites[sites.role == role]
-            if not len(d):
-                continue
-            xs = [n_blocks if pd.isna(x) else x for x in d["layer"]]
-            fig.add_trace(go.Scatter(x=xs, y=d["alpha"] * d["input_rms"], mode="lines+markers",
-                                     name=f"{rlabel}: fitted", text=list(d.site)))
-            if "alpha_trained" in d:
-                fig.add_trace(go.Scatter(x=xs, y=d["alpha_trained"] * d["input_rms"], mode="markers",
-                                         name=f"{rlabel}: after training", marker={"symbol": "diamond-open"},
-                                         text=list(d.site)))
+        _role_traces(fig, sites, n_blocks, lambda d: d["alpha"] * d["input_rms"],
+                     (lambda d: d["alpha_trained"] * d["input_rms"]) if "alpha_trained" in sites else None,
+                     "after training", "diamond-open")
         fig.update_layout(title="alpha x typical input RMS per site", xaxis_title="layer",
                           yaxis_title="alpha * RMS (below 1: tanh nearly linear for ordinary tokens)",
                           yaxis_type="log", template="plotly_white")
@@ -175,3 +159,20 @@ def _figures(label: str, res: Any, ctrl_hist: list[Any], scored: dict[str, ev.To
     figs.append(Figure("Per-token loss tail", fig, "Curves that separate only at the right edge mean a few rare "
                                                     "tokens got much worse."))
     return figs
+
+
+def _role_traces(fig: go.Figure, sites: pd.DataFrame, n_blocks: int, fitted: Callable[[pd.DataFrame], Any],
+                 other: Callable[[pd.DataFrame], Any] | None, other_name: str, symbol: str) -> None:
+    """One line per norm role (the fitted value per layer; the final norm after the last block) and, when
+    ``other`` is given, its markers beside it (the naive transplant, or the value after training)."""
+    for role, rlabel in ROLES:
+        d = sites[sites.role == role]
+        if not len(d):
+            continue
+        xs = [n_blocks if pd.isna(x) else x for x in d["layer"]]
+        fig.add_trace(go.Scatter(x=xs, y=fitted(d), mode="lines+markers", name=f"{rlabel}: fitted",
+                                 text=list(d.site), hovertemplate="%{text}: %{y:.3g}<extra></extra>"))
+        if other is not None:
+            fig.add_trace(go.Scatter(x=xs, y=other(d), mode="markers", name=f"{rlabel}: {other_name}",
+                                     marker={"symbol": symbol}, text=list(d.site),
+                                     hovertemplate=f"%{{text}} ({other_name}): %{{y:.3g}}<extra></extra>"))
