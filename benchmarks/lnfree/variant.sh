@@ -11,12 +11,15 @@
 #      over 200 of 330 steps
 #   F: a warm start from E's finished run: 120 more steps while the clamp loosens from 4 to 64 (--clamp-to), at
 #      D's learning rate and clip, so the model ends nearly LN-free; scored with and without the clamp
+#   G: F's warm start with the clamp held at 4 (F's baseline: the same steps without the loosening; its control is
+#      F's, since a control ignores the clamp: cp -r runs/F/control runs/G/control)
+# The script is read as it runs: do not edit it while a stage is going.
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
 #   bash benchmarks/lnfree/variant.sh E score
 cd "$(dirname "$0")/../.." || exit 1
 export OMP_NUM_THREADS=1
-V=${1:?give the variant: A, B, C, D, E or F}
+V=${1:?give the variant: A, B, C, D, E, F or G}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -25,7 +28,8 @@ case "$V" in
   D) SCHEDULE="--init-from runs/C --steps 240 --lr 5e-5 --grad-clip 0.5 --guard 4" ;;
   E) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --guard 4 --clamp 4" ;;
   F) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 4 --clamp-to 64" ;;
-  *) echo "unknown variant '$V'; give A, B, C, D, E or F" >&2; exit 2 ;;
+  G) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 4" ;;
+  *) echo "unknown variant '$V'; give A, B, C, D, E, F or G" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor
