@@ -30,8 +30,8 @@ from normscope.cli.common import (
     output_dir,
     quiet_libraries,
 )
-from normscope.cli.options import OUTPUT, Group, command
-from normscope.cli.training import load_texts, run_training
+from normscope.cli.options import OUTPUT, command
+from normscope.cli.training import load_texts, run_training, training_groups
 from normscope.core.errors import NormscopeError
 from normscope.core.io import slugify
 from normscope.core.options import ModelOptions, OutputOptions, TextOptions, validate
@@ -364,15 +364,7 @@ def _table(result: Any) -> Table:
 
 # remove-ln is hand-written (training, not an analysis), but composes the same Model, Text and Output groups as
 # every other command; its text defaults differ because it trains (see the notes in --help).
-_TRAIN_TEXT = Group("text_opts", TextOptions, "Text", skip=("controls",),
-                    defaults=(("seq_len", 128), ("max_tokens", None)),
-                    notes=(("seq_len", "remove-ln trains and evaluates on it: 128 by default, twice the analyses' "
-                                       "64, so each step sees longer contexts."),
-                           ("max_tokens", "Training tokens to read (default: enough for every step to see new "
-                                          "text).")))
-_TRAIN_MODEL = Group("model_opts", ModelOptions, "Model",
-                     notes=(("dtype", "remove-ln keeps float32 weights and AdamW state: bfloat16 trains under bf16 "
-                                      "autocast; float16 is refused (it would need loss scaling)."),))
+_TRAIN_MODEL, _TRAIN_TEXT = training_groups("remove-ln")
 _OWN = [p for n, p in inspect.signature(_remove_ln, eval_str=True).parameters.items()
         if n not in ("model_opts", "text_opts", "output_opts")]
 remove_ln = guarded(command([_TRAIN_MODEL, _TRAIN_TEXT, OUTPUT], _remove_ln, name="remove-ln",

@@ -11,9 +11,9 @@ from rich.table import Table
 
 from normscope.cli import app
 from normscope.cli.common import check_output, eprint, finish, guarded, output_dir, quiet_libraries
-from normscope.cli.options import OUTPUT, Group, command
+from normscope.cli.options import OUTPUT, command
 from normscope.cli.remove_ln import DEFAULT_SELF_GENERATED, RemovalProgress
-from normscope.cli.training import load_texts, run_training
+from normscope.cli.training import load_texts, run_training, training_groups
 from normscope.core.errors import NormscopeError
 from normscope.core.io import slugify
 from normscope.core.options import ModelOptions, OutputOptions, TextOptions, validate
@@ -181,14 +181,7 @@ def _table(result: Any) -> Table:
 
 
 # the shared groups as remove-ln composes them (it trains too), with swap's own notes
-_TRAIN_TEXT = Group("text_opts", TextOptions, "Text", skip=("controls",),
-                    defaults=(("seq_len", 128), ("max_tokens", None)),
-                    notes=(("seq_len", "swap trains and evaluates on it: 128 by default, as remove-ln."),
-                           ("max_tokens", "Training tokens to read (default: enough for every step to see new "
-                                          "text).")))
-_TRAIN_MODEL = Group("model_opts", ModelOptions, "Model",
-                     notes=(("dtype", "swap keeps float32 weights and AdamW state: bfloat16 trains under bf16 "
-                                      "autocast; float16 is refused (it would need loss scaling)."),))
+_TRAIN_MODEL, _TRAIN_TEXT = training_groups("swap")
 _OWN = [p for n, p in inspect.signature(_swap, eval_str=True).parameters.items()
         if n not in ("model_opts", "text_opts", "output_opts")]
 swap = guarded(command([_TRAIN_MODEL, _TRAIN_TEXT, OUTPUT], _swap, name="swap", doc=_swap.__doc__ or "", extra=_OWN))

@@ -12,8 +12,23 @@ from typing import Any
 import typer
 
 from normscope.cli.common import eprint
+from normscope.cli.options import Group
 from normscope.core.errors import NormscopeError
-from normscope.core.options import TextOptions
+from normscope.core.options import ModelOptions, TextOptions
+
+
+def training_groups(name: str) -> tuple[Group, Group]:
+    """The Model and Text option groups as a fine-tuning command composes them: its text defaults differ from the
+    analyses' because it trains (see the notes in ``--help``)."""
+    text = Group("text_opts", TextOptions, "Text", skip=("controls",),
+                 defaults=(("seq_len", 128), ("max_tokens", None)),
+                 notes=(("seq_len", f"{name} trains and evaluates on it: 128 by default, twice the analyses' 64, "
+                                    "so each step sees longer contexts."),
+                        ("max_tokens", "Training tokens to read (default: enough for every step to see new text).")))
+    model = Group("model_opts", ModelOptions, "Model",
+                  notes=(("dtype", f"{name} keeps float32 weights and AdamW state: bfloat16 trains under bf16 "
+                                   "autocast; float16 is refused (it would need loss scaling)."),))
+    return model, text
 
 
 def load_texts(lm: Any, progress: Any, *, paths: list[Path] | None, dataset: str | None, seq_len: int,
