@@ -514,6 +514,7 @@ def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path):
     assert models == ["original", "LN-free", "LN-free, clamp off"]
     assert h["export_max_logit_diff"] < 1e-3
     assert "soft clamp (--clamp 4)" in " ".join(rep["summary"])
+    assert "its own eps" in h["export_kind"] and "sites[].folded_eps" in " ".join(rep["summary"])
     # sinks on the export: its norms are constants for ordinary tokens, so no "outlier-driven rescaling" claim
     exp = str(tmp_path / "run" / "ln-free-model")
     res = CliRunner().invoke(app, ["sinks", exp, "--text", str(tmp_path / "eval.txt"), "--seq-len", "32", "--bos",

@@ -389,6 +389,8 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
             export_diff = _check_export(student, exported, eval_sample)
             export_kind = ("a plain transformers checkpoint plus a BOS key/value prefix (bos_prefix.safetensors)"
                            if prefix is not None else "a plain transformers checkpoint")
+            if topts.clamp > 0:
+                export_kind += ", each norm with its own eps (the soft clamp; set from the manifest)"
         ln_free = exported
         timings["export"] = time.perf_counter() - ts
     elif opts.export and res.diverged_at is not None:
@@ -658,8 +660,11 @@ def _summary(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions
     if export_dir is not None:
         extra = (" plus the BOS's keys and values per layer (bos_prefix.safetensors; feed them as "
                  "past_key_values and drop the BOS from the input)" if opts.train.exact_bos else "")
-        line = (f"Exported to {export_dir} as a plain transformers checkpoint (every norm divides by "
-                f"sqrt({opts.eps:g}), the divisors folded into the gains){extra}; ")
+        how = (f"every norm divides by sqrt({opts.eps:g}), the divisors folded into the gains" if not opts.train.clamp
+               else f"each norm is an RMSNorm with its own eps K^2 d^2 and the gain K w, K = {opts.train.clamp:g}: the "
+                    "soft clamp; transformers' config holds one eps, so set each module's from the manifest's "
+                    "sites[].folded_eps after loading, as normscope does")
+        line = f"Exported to {export_dir} as a plain transformers checkpoint ({how}){extra}; "
         if export_diff is not None and export_diff == export_diff:  # not NaN
             line += f"its logits match the frozen model within {export_diff:.2e}."
         else:
