@@ -14,13 +14,14 @@
 #   G: F's warm start with the clamp held at 4 (F's baseline: the same steps without the loosening; its control is
 #      F's, since a control ignores the clamp: cp -r runs/F/control runs/G/control)
 #   H: F's warm start with a tighter clamp, 2 (does a tighter bound stop the spikes?); control: F's, as for G
+#   I: a warm start from H's finished run: 120 more steps while the clamp loosens from 2 to 16 (--clamp-to)
 # The script is read as it runs: do not edit it while a stage is going.
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
 #   bash benchmarks/lnfree/variant.sh E score
 cd "$(dirname "$0")/../.." || exit 1
 export OMP_NUM_THREADS=1
-V=${1:?give the variant: A, B, C, D, E, F, G or H}
+V=${1:?give the variant: A-I}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -31,7 +32,8 @@ case "$V" in
   F) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 4 --clamp-to 64" ;;
   G) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 4" ;;
   H) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 2" ;;
-  *) echo "unknown variant '$V'; give A, B, C, D, E, F, G or H" >&2; exit 2 ;;
+  I) SCHEDULE="--init-from runs/H --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 2 --clamp-to 16" ;;
+  *) echo "unknown variant '$V'; give one of A to I" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor
