@@ -341,7 +341,7 @@ def test_hostile_strings_are_escaped_everywhere() -> None:
         f"Cap {escaped}.",  # caption
         f"<p>Paragraph one {escaped}.</p>",  # summary
         f"(arXiv:2410.10781) {escaped}",  # reference
-        f'<div class="value">{escaped}</div>',  # headline value
+        f'<div class="value long">{escaped}</div>',  # headline value (long: small type)
         f"step {escaped}",  # timings key
     ):
         assert place in page, place
@@ -575,3 +575,12 @@ def test_report_of_real_smollm2_massive_activation(tmp_path: Path, request: pyte
         log_axis = page.evaluate("document.getElementById('fig-0').layout.yaxis.type")
     assert problems == [] and log_axis == "log"
     np.testing.assert_allclose(plotted, df["dim507_pos0"].to_numpy(), rtol=1e-12)
+
+
+def test_a_long_headline_value_is_set_in_small_type() -> None:
+    r = make_result()
+    r.headlines["export_kind"] = "a plain transformers checkpoint plus a BOS key/value prefix"
+    page = render_html(r)
+    assert '<div class="value long">a plain transformers checkpoint plus a BOS key/value prefix</div>' in page
+    assert '<div class="value">75</div>' in page  # numbers keep the large type
+    assert ".card .value.long{" in page

@@ -281,15 +281,21 @@ def _flatten(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tup
             yield key, v
 
 
+LONG_CARD = 16
+"""Headline values longer than this many characters (a path, an export kind) are set in small type."""
+
+
 def _headlines_html(headlines: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
     """The headline cards: the value, and the headline's words (its label, else the key with spaces)."""
     e = _esc
     labels = labels or {}
-    cards = "\n".join(
-        f'<div class="card" title="{e(k)}"><div class="value">{e(fmt_value(v))}</div>'
-        f'<div class="label">{e(labels.get(str(k)) or str(k).replace("_", " "))}</div></div>'
-        for k, v in headlines.items()
-    )
+    def card(k: Any, v: Any) -> str:
+        text = fmt_value(v)
+        cls = "value long" if len(text) > LONG_CARD else "value"  # a sentence, not a number: small type
+        return (f'<div class="card" title="{e(k)}"><div class="{cls}">{e(text)}</div>'
+                f'<div class="label">{e(labels.get(str(k)) or str(k).replace("_", " "))}</div></div>')
+
+    cards = "\n".join(card(k, v) for k, v in headlines.items())
     return f'<section class="cards" aria-label="Headline numbers">\n{cards}\n</section>\n'
 
 
@@ -413,6 +419,7 @@ summary{cursor:pointer;color:var(--muted);font-size:13px}
 .card{flex:1 1 170px;max-width:280px;background:var(--card);border:1px solid var(--line);border-radius:8px;
 padding:12px 14px}
 .card .value{font-size:24px;font-weight:650;font-variant-numeric:tabular-nums;overflow-wrap:anywhere}
+.card .value.long{font-size:14px;font-weight:500;line-height:1.35}
 .card .label{color:var(--muted);font-size:13px}
 .summary p{max-width:80ch}
 figure.plot{margin:0 0 28px}
