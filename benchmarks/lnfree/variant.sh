@@ -15,13 +15,16 @@
 #      F's, since a control ignores the clamp: cp -r runs/F/control runs/G/control)
 #   H: F's warm start with a tighter clamp, 2 (does a tighter bound stop the spikes?); control: F's, as for G
 #   I: a warm start from H's finished run: 120 more steps while the clamp loosens from 2 to 16 (--clamp-to)
+#   J: I, slower: 200 steps while H's clamp loosens from 2 to 3 only, at 2e-5 and a training guard of 2 (does a
+#      gentler loosening survive where I collapsed at 3.0?); control: F's, as for G (an earlier, better control)
+#   K: G and H's warm start from E with the clamp held at 3: the point between them on the clamp/CE curve
 # The script is read as it runs: do not edit it while a stage is going.
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
 #   bash benchmarks/lnfree/variant.sh E score
 cd "$(dirname "$0")/../.." || exit 1
 export OMP_NUM_THREADS=1
-V=${1:?give the variant: A-I}
+V=${1:?give the variant: A-K}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -33,7 +36,9 @@ case "$V" in
   G) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 4" ;;
   H) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 2" ;;
   I) SCHEDULE="--init-from runs/H --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 2 --clamp-to 16" ;;
-  *) echo "unknown variant '$V'; give one of A to I" >&2; exit 2 ;;
+  J) SCHEDULE="--init-from runs/H --steps 200 --lr 2e-5 --grad-clip 0.5 --guard 2 --clamp 2 --clamp-to 3" ;;
+  K) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 3" ;;
+  *) echo "unknown variant '$V'; give one of A to K" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor

@@ -33,6 +33,12 @@ MANIFEST = "normscope_removal.json"  # the same name removal/export.py writes
 PREFIX_FILE = "bos_prefix.safetensors"
 
 
+def export_description(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What analyses need to know of a remove-ln export: its kind, and whether its norms keep a soft clamp."""
+    return {"kind": str(manifest.get("export_kind") or "LN-free export"),
+            "clamped": any(site.get("clamp") for site in manifest.get("sites", []))}
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The LN-free export's manifest, or None when ``folder`` is not one."""
     path = Path(folder) / MANIFEST
@@ -68,10 +74,11 @@ def _site_hook(k: int, centered: bool, divisor: float, eps: float, big_eps: floa
     return hook
 
 
-def apply_site_eps(model: nn.Module, folder: Path) -> int:
+def apply_site_eps(model: nn.Module, folder: Path, manifest: dict[str, Any] | None = None) -> int:
     """Give every norm of a soft-clamped export (``remove-ln --clamp``) its own eps from the manifest, which the
-    config's single eps cannot hold; returns how many modules were set (0 for any other folder)."""
-    manifest = read_manifest(folder)
+    config's single eps cannot hold; returns how many modules were set (0 for any other folder). ``manifest``:
+    the folder's, when the caller has read it already."""
+    manifest = manifest if manifest is not None else read_manifest(folder)
     if manifest is None:
         return 0
     n = 0
@@ -97,12 +104,13 @@ def set_module_eps(mod: nn.Module, eps: float) -> int:
     return 0
 
 
-def install_exact_bos(model: nn.Module, folder: Path) -> dict[str, Any] | None:
+def install_exact_bos(model: nn.Module, folder: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Give the prefix positions of an exact-BOS export their live divisors back (see the module docstring).
 
     Returns ``{"export_kind", "prefix_ids", "sites"}`` for the model's description, or None when ``folder``
-    is a plain model (or a plain LN-free export, which needs nothing)."""
-    manifest = read_manifest(folder)
+    is a plain model (or a plain LN-free export, which needs nothing). ``manifest``: as for
+    :func:`apply_site_eps`."""
+    manifest = manifest if manifest is not None else read_manifest(folder)
     if manifest is None or not manifest.get("prefix_ids"):
         return None
     prefix = [int(i) for i in manifest["prefix_ids"]]

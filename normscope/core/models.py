@@ -352,13 +352,14 @@ def load_model(
     exact_bos = None
     ln_free = None
     if source == "folder":
-        from normscope.core.lnfree import apply_site_eps, install_exact_bos, read_manifest
+        from normscope.core.lnfree import apply_site_eps, export_description, install_exact_bos, read_manifest
 
-        manifest = read_manifest(Path(where))
-        ln_free = str(manifest.get("export_kind") or "LN-free export") if manifest is not None else None
-        apply_site_eps(model, Path(where))  # a soft-clamped LN-free export: each norm has its own eps
-        if not for_training:  # an exact-BOS LN-free export: its BOS keeps its own divisor
-            exact_bos = install_exact_bos(model, Path(where))
+        manifest = read_manifest(Path(where))  # read once: None for any folder but a remove-ln export
+        if manifest is not None:
+            ln_free = export_description(manifest)
+            apply_site_eps(model, Path(where), manifest)  # a soft-clamped export: each norm has its own eps
+            if not for_training:  # an exact-BOS export: its BOS keeps its own divisor
+                exact_bos = install_exact_bos(model, Path(where), manifest)
     model.train(for_training)
     if not for_training:
         for p in model.parameters():

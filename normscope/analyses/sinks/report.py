@@ -19,7 +19,7 @@ __all__ = ["figures", "massive_label_layers", "summary"]
 
 def summary(sample: Any, opts: SinksOptions, overall: float, by_cat: dict[str, float], layers: pd.DataFrame,
             dims: list[int], massive: pd.DataFrame, sites_df: pd.DataFrame, ablations: list[dict[str, Any]],
-            sink_tokens: pd.DataFrame, position0_arbitrary: bool, ln_free: str | None = None) -> list[str]:
+            sink_tokens: pd.DataFrame, position0_arbitrary: bool, ln_free: dict[str, Any] | None = None) -> list[str]:
     """The interpretation paragraphs of the page, each with the published numbers to compare against."""
     out = []
     sr = layers["sink_rate"].dropna()
@@ -48,7 +48,8 @@ def summary(sample: Any, opts: SinksOptions, overall: float, by_cat: dict[str, f
     if len(sites_df) and ln_free:
         out.append(
             "This model is a remove-ln export: its norms divide every ordinary token by a fixed constant"
-            + (" (nearly: a soft clamp normalises only tokens far above a site's scale)" if "eps" in ln_free else "")
+            + (" (nearly: a soft clamp normalises only tokens far above a site's scale)"
+               if ln_free.get("clamped") else "")
             + " and the BOS keeps its own divisor, so no outlier dim rescales the other dims of an ordinary token. "
             "The per-site outlier shares below describe the norms' inputs, not a rescaling."
         )
