@@ -434,11 +434,11 @@ def test_clamped_export_is_a_plain_rmsnorm_per_site_eps_and_loads_exactly(tmp_pa
         w.clamp = 2.0  # tight enough that the clamp changes the logits measurably
     with torch.no_grad():
         want = model(input_ids=ids).logits  # [batch, pos, vocab]
-        for w in rem:
-            w.clamp = 0.0
-        unclamped = model(input_ids=ids).logits
-        for w in rem:
-            w.clamp = 2.0
+        with rem.without_clamp():
+            unclamped = model(input_ids=ids).logits
+        with pytest.raises(RuntimeError), rem.without_clamp():
+            raise RuntimeError("an evaluation that fails midway")
+    assert all(w.clamp == 2.0 for w in rem)  # restored, even after the error
     assert (want - unclamped).abs().max() > 1e-3
     out, _ = export_model(model, rem, tiny_tokenizer(), tmp_path / "exp", {}, prefix=compute_prefix(model, [BOS]))
     manifest = json.loads((out / "normscope_removal.json").read_text())

@@ -520,6 +520,19 @@ class Removal:
                 w.v_input = None  # a rerun may stop early, between the norm and the value projection
 
     @contextmanager
+    def without_clamp(self) -> Iterator[None]:
+        """The same weights with every soft clamp off (pure frozen divisors), restored afterwards even on error:
+        how ``remove-ln --clamp`` scores what its model would be without the clamp."""
+        kept = {name: w.clamp for name, w in self.wrappers.items()}
+        for w in self.wrappers.values():
+            w.clamp = 0.0
+        try:
+            yield
+        finally:
+            for name, w in self.wrappers.items():
+                w.clamp = kept[name]
+
+    @contextmanager
     def tracking(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
         """Track every site's divisor over the forward passes run in the block, then fold them into the EMAs
         in one commit (``reduce``: e.g. an all-reduce of :meth:`pending` under DDP)."""

@@ -416,13 +416,8 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
     clamp_info = None
     if any(w.clamp > 0 for w in res.removal):  # the soft clamp: how often it acts, and the same weights without it
         clamp_info = ev.clamp_usage(student, res.removal, eval_sample)
-        kept = {w.site_name: w.clamp for w in res.removal}
-        for w in res.removal:
-            w.clamp = 0.0
-        with progress.task("evaluating without the clamp", eval_sample.n_tokens) as adv:
+        with res.removal.without_clamp(), progress.task("evaluating without the clamp", eval_sample.n_tokens) as adv:
             scored[CLAMP_OFF] = ev.per_token_losses(student, eval_sample, progress=adv)
-        for w in res.removal:
-            w.clamp = kept[w.site_name]
     norms = {}
     for name, m in models.items():
         if m is ln_free and topts.exact_bos:
