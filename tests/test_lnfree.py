@@ -83,7 +83,8 @@ def test_prefix_export_reproduces_the_trained_model_after_the_bos(tmp_path):
     assert len(prefix.keys) == model.config.num_hidden_layers and prefix.keys[0].shape[2] == 1
     out, plain = export_model(model, rem, tiny_tokenizer(), tmp_path / "exp", {}, prefix=prefix)
     manifest = json.loads((out / "normscope_removal.json").read_text())
-    assert manifest["export_kind"].startswith("plain checkpoint + BOS") and manifest["prefix_ids"] == [BOS]
+    assert manifest["export_kind"].startswith("a plain transformers checkpoint plus a BOS")
+    assert manifest["prefix_ids"] == [BOS]
     from transformers import AutoModelForCausalLM
 
     from normscope.removal.prefix import Prefix
@@ -508,13 +509,14 @@ def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path):
     rep = json.loads((tmp_path / "rep" / "remove-ln.json").read_text())
     h = rep["headlines"]
     assert h["clamp"] == 4.0 and 0 <= h["clamp_share_of_tokens"] <= 1 and h["clamp_worst_site"]
-    assert "per-site eps" in json.loads((tmp_path / "run" / "ln-free-model" / "normscope_removal.json")
-                                        .read_text())["export_kind"]
+    manifest = json.loads((tmp_path / "run" / "ln-free-model" / "normscope_removal.json").read_text())
+    manifest_kind = manifest["export_kind"]
+    assert "per-site eps" in manifest_kind and h["export_kind"] == manifest_kind  # one wording, page and manifest
     models = [r["model"] for r in rep["ce"]]
     assert models == ["original", "LN-free", "LN-free, clamp off"]
     assert h["export_max_logit_diff"] < 1e-3
     assert "soft clamp (--clamp 4)" in " ".join(rep["summary"])
-    assert "its own eps" in h["export_kind"] and "sites[].folded_eps" in " ".join(rep["summary"])
+    assert "per-site eps" in h["export_kind"] and "sites[].folded_eps" in " ".join(rep["summary"])
     # sinks on the export: its norms are constants for ordinary tokens, so no "outlier-driven rescaling" claim
     exp = str(tmp_path / "run" / "ln-free-model")
     res = CliRunner().invoke(app, ["sinks", exp, "--text", str(tmp_path / "eval.txt"), "--seq-len", "32", "--bos",

@@ -125,6 +125,13 @@ def fold(model: nn.Module, removal: Removal, eps: float = DEFAULT_EPS) -> nn.Mod
     return plain
 
 
+def export_kind(prefix: bool, clamped: bool) -> str:
+    """What kind of export a run wrote, in the one wording the manifest, the terminal and the page share."""
+    return ("a plain transformers checkpoint" + (" plus a BOS key/value prefix (bos_prefix.safetensors)" if prefix
+                                                 else "")
+            + (", with per-site eps (the soft clamp; the manifest's sites[].folded_eps)" if clamped else ""))
+
+
 def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Path, manifest: dict[str, Any],
                  eps: float = DEFAULT_EPS, prefix: Any = None) -> tuple[Path, nn.Module]:
     """Fold, then write ``out_dir`` (safetensors, config, tokenizer, manifest) atomically; returns the folder
@@ -148,9 +155,8 @@ def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Pa
                           "frozen_at_step": w.frozen_at, "value_path_frozen_at_step": w.frozen_v_at,
                           "original_eps": w.eps})
         clamped = any(w.clamp for w in removal)
-        kind = ("plain checkpoint + BOS key/value prefix (bos_prefix.safetensors)" if prefix is not None
-                else "plain checkpoint") + (" + per-site eps (soft clamp; see sites[].folded_eps)" if clamped else "")
-        full = {"format": "normscope LN-free export", "export_kind": kind, "eps": eps,
+        full = {"format": "normscope LN-free export", "export_kind": export_kind(prefix is not None, clamped),
+                "eps": eps,
                 "prefix_ids": prefix.ids.tolist() if prefix is not None else None,
                 "note": ("Every norm divides by the constant sqrt(eps): gain = w * sqrt(eps) / divisor. Load in "
                          "float32 or bfloat16 (float16 overflows the folded gains). Replace the norms by their "

@@ -30,6 +30,7 @@ from normscope.core.sites import find_layout, find_norm_sites
 from normscope.removal import evaluate as ev
 from normscope.removal.dist import all_reduce, dist_env, init_distributed, plain_copy
 from normscope.removal.export import DEFAULT_EPS, export_model
+from normscope.removal.export import export_kind as export_kind_text
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import PHASE_LABELS, PHASES
 from normscope.removal.train import StepLog, StopFlag, TrainOptions, latest_checkpoint, train
@@ -387,10 +388,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
             if prefix is not None:
                 exported = PrefixModel(exported, prefix).eval()
             export_diff = _check_export(student, exported, eval_sample)
-            export_kind = ("a plain transformers checkpoint plus a BOS key/value prefix (bos_prefix.safetensors)"
-                           if prefix is not None else "a plain transformers checkpoint")
-            if topts.clamp > 0:
-                export_kind += ", each norm with its own eps (the soft clamp; set from the manifest)"
+            export_kind = export_kind_text(prefix is not None, topts.clamp > 0)
         ln_free = exported
         timings["export"] = time.perf_counter() - ts
     elif opts.export and res.diverged_at is not None:
