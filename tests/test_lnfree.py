@@ -516,6 +516,9 @@ def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path):
     assert models == ["original", "LN-free", "LN-free, clamp off"]
     assert h["export_max_logit_diff"] < 1e-3
     assert "soft clamp (--clamp 4)" in " ".join(rep["summary"])
+    page = (tmp_path / "rep" / "remove-ln.html").read_text()
+    assert "99.9th-percentile token loss, LN-free" in page and "p99 9" not in page  # cards in words
+    assert "share of held-out tokens the clamp divides &gt; 1.1x as hard" in page
     assert "per-site eps" in h["export_kind"] and "sites[].folded_eps" in " ".join(rep["summary"])
     # sinks on the export: its norms are constants for ordinary tokens, so no "outlier-driven rescaling" claim
     exp = str(tmp_path / "run" / "ln-free-model")

@@ -551,7 +551,22 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
                 "run_dir": str(opts.run_dir), "eval_text": eval_sample.to_dict(), "data": opts.data_note}
     return Result(analysis="remove-ln", title="LayerNorm / RMSNorm removal by fine-tuning",
                   meta=build_meta(lm, train_sample, **settings), payload=payload, tables=tables, figures=figures,
-                  headlines=headlines, summary=summary, references=REFERENCES)
+                  headlines=headlines, summary=summary, references=REFERENCES, labels=LABELS)
+
+
+LABELS = {
+    "damage_share_at_position_1": ("share of the LN-free model's extra loss at position 1 (none: no extra loss, "
+                                   "or not finite)"),
+    "damage_reference": "extra loss measured against",
+    "p99_9_ln_free": "99.9th-percentile token loss, LN-free (nats)",
+    "ce_ln_free": "held-out CE, LN-free",
+    "ce_ln_free_clamp_off": "held-out CE, LN-free weights with the clamp off",
+    "clamp": "soft clamp K (--clamp)",
+    "clamp_share_of_tokens": "share of held-out tokens the clamp divides > 1.1x as hard",
+    "clamp_worst_site": "site whose clamp acts most often",
+    "export_max_logit_diff": "export vs trained model, max logit difference",
+}
+"""Words for the remove-ln headline cards whose keys would read wrongly with underscores as spaces."""
 
 
 CLAMP_OFF = "LN-free, clamp off"
