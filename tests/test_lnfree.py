@@ -369,7 +369,8 @@ def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path, clamp):
                 flag.request("SIGTERM")
 
         opts = TrainOptions(steps=12, lr=2e-3, exact_bos=True, aux_sites="all", aux_form="log", aux_anchor=True,
-                            guard=2.0, clamp=k0, clamp_to=k1, save_every=4,
+                            guard=2.0, clamp=k0, clamp_to=k1, clamp_sites=["blocks.*"] if k0 else [],
+                            save_every=4,
                             schedule=ScheduleOptions(start=2, ramp_steps=6, ramp_shape="cosine", taper=True))
         return train(model, layout, sites, sample.batches, opts, run_dir, resume=resume, progress=progress,
                      stop=flag), model
@@ -379,7 +380,8 @@ def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path, clamp):
         run(tmp_path / "cut", stop_at=cut)
     again, m_again = run(tmp_path / "cut", resume=True)
     assert again.resumed_from == cut
-    assert all(w.clamp == k1 for w in again.removal)  # loosened to --clamp-to by the last step
+    for w in again.removal:  # loosened to --clamp-to by the last step, at the --clamp-sites only
+        assert w.clamp == (k1 if w.site_name.startswith("blocks.") else 0.0), w.site_name
     assert [h.loss for h in again.history] == [h.loss for h in full.history]
     assert again.removal.state() == full.removal.state()
     for a, b in zip(m_full.state_dict().values(), m_again.state_dict().values(), strict=True):
@@ -431,20 +433,22 @@ def test_clamped_export_is_a_plain_rmsnorm_per_site_eps_and_loads_exactly(tmp_pa
     ids = _bos_ids()
     rem = Removal(model, layout, sites)
     _freeze_all(rem, model, ids)
-    for w in rem:
-        w.clamp = 2.0  # tight enough that the clamp changes the logits measurably
+    for w in rem:  # tight enough that the clamp changes the logits measurably; the final norm a constant
+        w.clamp = 0.0 if w.site_name == "ln_final" else 2.0
     with torch.no_grad():
         want = model(input_ids=ids).logits  # [batch, pos, vocab]
         with rem.without_clamp():
             unclamped = model(input_ids=ids).logits
         with pytest.raises(RuntimeError), rem.without_clamp():
             raise RuntimeError("an evaluation that fails midway")
-    assert all(w.clamp == 2.0 for w in rem)  # restored, even after the error
+    assert all(w.clamp == (0.0 if w.site_name == "ln_final" else 2.0) for w in rem)  # restored, even after the error
     assert (want - unclamped).abs().max() > 1e-3
     out, _ = export_model(model, rem, tiny_tokenizer(), tmp_path / "exp", {}, prefix=compute_prefix(model, [BOS]))
     manifest = json.loads((out / "normscope_removal.json").read_text())
     assert "per-site eps" in manifest["export_kind"]
     s0 = manifest["sites"][0]
+    final = next(s for s in manifest["sites"] if s["name"] == "ln_final")
+    assert final["clamp"] is None and final["folded_eps"] == pytest.approx(manifest["eps"])  # a pure constant
     assert s0["clamp"] == 2.0 and s0["folded_eps"] == pytest.approx(4 * s0["divisor"] ** 2 + s0["original_eps"])
     lm = load_model(str(out), device="cpu", dtype="float32")
     with torch.no_grad():
@@ -455,7 +459,7 @@ def test_clamped_export_is_a_plain_rmsnorm_per_site_eps_and_loads_exactly(tmp_pa
     with torch.no_grad():
         bare = pm(input_ids=ids).logits  # the config's single eps: not the trained model
     assert (bare[:, 1:] - want[:, 1:]).abs().max() > 1e-2
-    assert apply_site_eps(plain, out) == len(sites)
+    assert apply_site_eps(plain, out) == len(sites) - 1  # the clamped ones; the final norm keeps the config's eps
     with torch.no_grad():
         fixed = pm(input_ids=ids).logits
     assert torch.allclose(fixed[:, 1:], want[:, 1:], atol=1e-4, rtol=1e-4)
@@ -527,6 +531,21 @@ def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path):
     assert res.exit_code == 0, res.output
     text = " ".join(json.loads((tmp_path / "s" / "sinks.json").read_text())["summary"])
     assert "remove-ln export" in text and "soft clamp" in text and "Outlier-driven rescaling" not in text
+
+
+def test_clamp_sites_choose_where_the_clamp_applies_and_a_glob_matching_nothing_is_refused(tmp_path):
+    from normscope.removal.train import check_clamp, site_clamp
+
+    assert site_clamp("blocks.3.ln2", 3.0, []) == 3.0 and site_clamp("ln_final", 3.0, []) == 3.0
+    assert site_clamp("blocks.3.ln2", 3.0, ["blocks.*"]) == 3.0 and site_clamp("ln_final", 3.0, ["blocks.*"]) == 0
+    with pytest.raises(NormscopeError, match="give --clamp K too"):
+        check_clamp(0.0, 0.0, ["blocks.*"])
+    model, layout, sites = _setup()
+    sample = sample_from_ids(_bos_ids(8, 12).tolist(), ["x"] * 8, batch_size=4, bos_prepended=True)
+    opts = TrainOptions(steps=4, exact_bos=True, clamp=3.0, clamp_sites=["block.*"],
+                        schedule=ScheduleOptions(start=1, ramp_steps=1, taper=True))
+    with pytest.raises(NormscopeError, match="matches no removed site"):
+        train(model, layout, sites, sample.batches, opts, tmp_path / "run")
 
 
 def test_clamp_at_holds_until_the_gate_closes_then_loosens_geometrically():

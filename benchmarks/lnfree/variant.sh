@@ -19,13 +19,16 @@
 #      gentler loosening survive where I collapsed at 3.0?); control: F's, as for G (an earlier, better control)
 #   K: G and H's warm start from E with the clamp held at 3: the point between them on the clamp/CE curve
 #   L: J continued alike: 200 steps while the clamp loosens from 3 to 4.5
+#   M: K with its final norm's clamp taken off (--clamp-sites 'blocks.*': the final norm a pure constant, so dla
+#      is exact), 60 steps at 2e-5; its control is K's (F's) continued: run both stages
 # The script is read as it runs: do not edit it in place while a stage is going (write a copy and mv it over).
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
 #   bash benchmarks/lnfree/variant.sh E score
 cd "$(dirname "$0")/../.." || exit 1
+set -f  # the options hold site globs (blocks.*), not file names
 export OMP_NUM_THREADS=1
-V=${1:?give the variant: A-L}
+V=${1:?give the variant: A-M}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -40,7 +43,8 @@ case "$V" in
   J) SCHEDULE="--init-from runs/H --steps 200 --lr 2e-5 --grad-clip 0.5 --guard 2 --clamp 2 --clamp-to 3" ;;
   K) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 3" ;;
   L) SCHEDULE="--init-from runs/J --steps 200 --lr 2e-5 --grad-clip 0.5 --guard 2 --clamp 3 --clamp-to 4.5" ;;
-  *) echo "unknown variant '$V'; give one of A to L" >&2; exit 2 ;;
+  M) SCHEDULE="--init-from runs/K --steps 60 --lr 2e-5 --grad-clip 0.5 --guard 4 --clamp 3 --clamp-sites blocks.*" ;;
+  *) echo "unknown variant '$V'; give one of A to M" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor

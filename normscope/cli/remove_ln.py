@@ -170,6 +170,9 @@ def _remove_ln(
         "--clamp-to", min=0.0, help="Loosen the --clamp geometrically to this K between the step the gate closes "
         "and the last step, so the model ends nearly LN-free for every token up to ~K times its site's scale "
         "(0: the clamp stays).")] = 0.0,
+    clamp_sites: Annotated[list[str] | None, typer.Option(
+        "--clamp-sites", help="Clamp only the sites matching these globs (default: every removed site); e.g. "
+        "'blocks.*' leaves the final norm a pure constant, so dla is exact on the export.")] = None,
     aux_anchor: Annotated[bool, typer.Option(
         "--aux-anchor", help="Fixed target for the final norm's aux loss: the calibrated mean divisor of "
         "ordinary tokens (TaperNorm's scale anchor).")] = False,
@@ -242,7 +245,7 @@ def _remove_ln(
     if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise NormscopeError("--fsdp shards the model over several processes; launch with torchrun "
                              "--nproc-per-node N (N >= 2), or drop --fsdp.")
-    check_clamp(clamp, clamp_to)
+    check_clamp(clamp, clamp_to, clamp_sites)
     if ramp_shape not in ("linear", "cosine"):
         raise NormscopeError(f"--ramp-shape must be linear or cosine, not '{ramp_shape}'.")
     if sum(bool(x) for x in (text, dataset, self_generated)) > 1:
@@ -280,6 +283,7 @@ def _remove_ln(
                          first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
                          save_every=save_every, keep_checkpoints=keep_checkpoints,
                          exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard, clamp=clamp, clamp_to=clamp_to,
+                         clamp_sites=list(clamp_sites or []),
                          precision=m.dtype,
                          init_from=str(init_from) if init_from else None,
                          gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, log_sites=log_sites and not fsdp)

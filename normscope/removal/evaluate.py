@@ -194,4 +194,5 @@ def clamp_usage(model: nn.Module, removal: Removal, sample: Any, level: float = 
     worst = max(shares, key=lambda n: shares[n]) if shares else None
     return {"level": level, "share_any_site": hits / total if total else 0.0, "tokens": total,
             "max_ratio": state["max"], "worst_site": worst, "worst_site_share": shares[worst] if worst else 0.0,
-            "sites": [{"site": n, "share": v, "tokens": per_site[n][1]} for n, v in shares.items()]}
+            "sites": [{"site": n, "share": v, "tokens": per_site[n][1]} for n, v in shares.items()],
+            "sites_clamped": sum(1 for w in removal if w.clamp > 0), "sites_removed": removal.n_removed()}

@@ -576,7 +576,10 @@ CLAMP_OFF = "LN-free, clamp off"
 def clamp_sentence(k: float, info: dict[str, Any], stats: dict[str, dict[str, float]]) -> str:
     """What the soft clamp means for the "LN-free" numbers: the model is not LN-free where it acts."""
     off = stats[CLAMP_OFF]
-    return (f"The \"LN-free\" model keeps a soft clamp (--clamp {k:g}): each removed site divides by sqrt(d^2 + "
+    where = ("each removed site" if info["sites_clamped"] == info["sites_removed"]
+             else f"{info['sites_clamped']} of its {info['sites_removed']} removed sites (--clamp-sites; the rest "
+                  "divide by constants)")
+    return (f"The \"LN-free\" model keeps a soft clamp (--clamp {k:g}): {where} divides by sqrt(d^2 + "
             f"live^2/{k:g}^2), so it is not LN-free for the tokens the clamp catches. On the held-out text "
             f"{info['share_any_site']:.2%} of {info['tokens']:,} tokens were divided more than "
             f"{info['level']:g}x as hard as a token at the site's scale at some site ({info['worst_site']} "
@@ -669,7 +672,8 @@ def _summary(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions
         extra = (" plus the BOS's keys and values per layer (bos_prefix.safetensors; feed them as "
                  "past_key_values and drop the BOS from the input)" if opts.train.exact_bos else "")
         how = (f"every norm divides by sqrt({opts.eps:g}), the divisors folded into the gains" if not opts.train.clamp
-               else f"each norm is an RMSNorm with its own eps K^2 d^2 and the gain K w, K = {opts.train.clamp:g}: the "
+               else f"each {'clamped ' if opts.train.clamp_sites else ''}norm is an RMSNorm with its own eps K^2 d^2 "
+                    f"and the gain K w, K = {opts.train.clamp:g}: the "
                     "soft clamp; transformers' config holds one eps, so set each module's from the manifest's "
                     "sites[].folded_eps after loading, as normscope does")
         line = f"Exported to {export_dir} as a plain transformers checkpoint ({how}){extra}; "

@@ -30,6 +30,7 @@ activations in the backward pass (transformers' activation checkpointing; the sa
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import math
@@ -59,7 +60,7 @@ TRAINER_FILE = "trainer.pt"
 
 
 REMOVAL_ONLY = ("distill_weight", "momentum", "first_token", "split_value", "schedule", "aux_anchor", "guard",
-                "guard_weight", "clamp", "clamp_to")
+                "guard_weight", "clamp", "clamp_to", "clamp_sites")
 """TrainOptions fields that only the LN-free run reads (a control ignores them)."""
 
 
@@ -122,6 +123,9 @@ class TrainOptions:
     """Loosen the soft clamp geometrically from ``clamp`` to ``clamp_to`` between the step the gate closes and
     the last step (:func:`clamp_at`), so the model ends within ``1 / (2 clamp_to^2)`` of LN-free for every token
     up to about ``clamp_to`` x its site's scale (0: the clamp stays at ``clamp``)."""
+    clamp_sites: list[str] = field(default_factory=list)
+    """Globs of the sites the soft clamp applies to (empty: every removed site). Leaving ``ln_final`` out keeps
+    the final norm a pure constant, so direct logit attribution is exact while the inner sites stay bounded."""
     aux_anchor: bool = False
     """Give the final norm's aux loss a fixed target, the calibrated mean divisor of positions >= 1 (TaperNorm's
     scale anchor), instead of the batch mean."""
@@ -194,8 +198,15 @@ def clamp_at(step: int, k0: float, k1: float, closed: int, steps: int) -> float:
     return float(math.exp((1.0 - t) * math.log(k0) + t * math.log(k1)))
 
 
-def check_clamp(clamp: float, clamp_to: float) -> None:
-    """One line for a --clamp-to without --clamp, or one below it."""
+def site_clamp(name: str, k: float, globs: list[str]) -> float:
+    """The soft clamp of site ``name``: ``k`` where it matches one of ``globs`` (all sites when empty), else 0."""
+    return k if not globs or any(fnmatch.fnmatchcase(name, g) for g in globs) else 0.0
+
+
+def check_clamp(clamp: float, clamp_to: float, clamp_sites: list[str] | None = None) -> None:
+    """One line for a --clamp-to or --clamp-sites without --clamp, or a --clamp-to below it."""
+    if clamp_sites and not clamp:
+        raise NormscopeError("--clamp-sites chooses where the soft clamp applies; give --clamp K too.")
     if clamp_to and not clamp:
         raise NormscopeError("--clamp-to loosens the soft clamp; give --clamp K too (the value it starts from).")
     if clamp_to and clamp_to < clamp:
@@ -449,7 +460,8 @@ def warm_start(model: nn.Module, removal: Removal, ckpt: Path, fingerprint: dict
                              f"({len(unfinished)} still live or ramping); resume it with --resume instead.")
     removal.load_state(theirs)
     for w in removal:  # this run's guard and clamp, not the earlier one's
-        w.guard, w.guard_weight, w.clamp = opts.guard, opts.guard_weight, opts.clamp
+        w.guard, w.guard_weight = opts.guard, opts.guard_weight
+        w.clamp = site_clamp(w.site_name, opts.clamp, opts.clamp_sites)
 
 
 def train(
@@ -513,7 +525,11 @@ def train(
         if not control:
             w.n_fixed = opts.fixed_prefix if opts.exact_bos else 0
             w.follow = opts.schedule.taper
-            w.guard, w.guard_weight, w.clamp = opts.guard, opts.guard_weight, opts.clamp
+            w.guard, w.guard_weight = opts.guard, opts.guard_weight
+            w.clamp = site_clamp(w.site_name, opts.clamp, opts.clamp_sites)
+    if not control and opts.clamp_sites and not any(w.clamp for w in removal):
+        raise NormscopeError(f"--clamp-sites {' '.join(opts.clamp_sites)} matches no removed site; names look like "
+                             f"{', '.join(list(removal.wrappers)[:3])}, ... (see `normscope sites MODEL`).")
     aux_names = _aux_site_names(removal, opts.aux_sites)
     # the site log reads whole weights on rank 0 alone, which a sharded model cannot do without the others
     watch = (SiteWatch(removal, site_consumers(layout, removal), WriterUpdates(site_writers(model, layout, sites)))
@@ -623,7 +639,7 @@ def train(
             for w in removal:
                 w.first_blend = blend
                 if k_now:
-                    w.clamp = k_now
+                    w.clamp = site_clamp(w.site_name, k_now, opts.clamp_sites)
             wrapped.train()
             removal.set(tracking=True, aux_sites=aux_names if opts.aux_weight > 0 else [], aux_form=opts.aux_form)
             if watch is not None:
