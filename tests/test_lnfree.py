@@ -382,6 +382,9 @@ def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path, clamp):
     assert again.resumed_from == cut
     for w in again.removal:  # loosened to --clamp-to by the last step, at the --clamp-sites only
         assert w.clamp == (k1 if w.site_name.startswith("blocks.") else 0.0), w.site_name
+    from normscope.removal.pipeline import final_clamp
+
+    assert final_clamp(again.removal) == k1  # what the page reports: the clamp it ends with
     assert [h.loss for h in again.history] == [h.loss for h in full.history]
     assert again.removal.state() == full.removal.state()
     for a, b in zip(m_full.state_dict().values(), m_again.state_dict().values(), strict=True):

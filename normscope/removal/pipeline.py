@@ -514,7 +514,7 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
     }
     if clamp_info is not None:
         headlines.update({
-            "clamp": topts.clamp,
+            "clamp": final_clamp(res.removal),  # where --clamp-to loosened it to, not where it started
             "clamp_share_of_tokens": round(clamp_info["share_any_site"], 5),
             "clamp_worst_site": clamp_info["worst_site"],
             "ce_ln_free_clamp_off": round(stats[CLAMP_OFF]["mean"], 4),
@@ -544,7 +544,7 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
     summary = _summary(lm, train_sample, eval_sample, opts, res, stats, ce, grown, norm_df, export_dir,
                        export_diff, export_note, tokens, costs)
     if clamp_info is not None:
-        summary.insert(1, clamp_sentence(topts.clamp, clamp_info, stats))
+        summary.insert(1, clamp_sentence(final_clamp(res.removal), clamp_info, stats))
     figures = _figures(res, ctrl_hist, scored, sites_df, norm_df, costs)
     settings = {**{k: v for k, v in asdict(topts).items() if k != "schedule"}, "schedule": asdict(topts.schedule),
                 "control": opts.control, "sites": opts.sites or "all", "eps": opts.eps,
@@ -571,6 +571,11 @@ LABELS = {
 
 CLAMP_OFF = "LN-free, clamp off"
 """The scored name of a soft-clamped run's weights evaluated without the clamp (pure frozen divisors)."""
+
+
+def final_clamp(removal: Any) -> float:
+    """The soft clamp K the trained model ends with (``--clamp-to`` loosens it from ``--clamp``; 0: none)."""
+    return max((w.clamp for w in removal), default=0.0)
 
 
 def clamp_sentence(k: float, info: dict[str, Any], stats: dict[str, dict[str, float]]) -> str:
@@ -673,7 +678,7 @@ def _summary(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions
                  "past_key_values and drop the BOS from the input)" if opts.train.exact_bos else "")
         how = (f"every norm divides by sqrt({opts.eps:g}), the divisors folded into the gains" if not opts.train.clamp
                else f"each {'clamped ' if opts.train.clamp_sites else ''}norm is an RMSNorm with its own eps K^2 d^2 "
-                    f"and the gain K w, K = {opts.train.clamp:g}: the "
+                    f"and the gain K w, K = {final_clamp(res.removal):g}: the "
                     "soft clamp; transformers' config holds one eps, so set each module's from the manifest's "
                     "sites[].folded_eps after loading, as normscope does")
         line = f"Exported to {export_dir} as a plain transformers checkpoint ({how}){extra}; "
