@@ -581,10 +581,10 @@ def final_clamp(removal: Any) -> float:
 def clamp_sentence(k: float, info: dict[str, Any], stats: dict[str, dict[str, float]]) -> str:
     """What the soft clamp means for the "LN-free" numbers: the model is not LN-free where it acts."""
     off = stats[CLAMP_OFF]
-    where = ("each removed site" if info["sites_clamped"] == info["sites_removed"]
+    where = ("each removed site divides" if info["sites_clamped"] == info["sites_removed"]
              else f"{info['sites_clamped']} of its {info['sites_removed']} removed sites (--clamp-sites; the rest "
-                  "divide by constants)")
-    return (f"The \"LN-free\" model keeps a soft clamp (--clamp {k:g}): {where} divides by sqrt(d^2 + "
+                  "divide by constants) divide")
+    return (f"The \"LN-free\" model keeps a soft clamp (--clamp {k:g}): {where} by sqrt(d^2 + "
             f"live^2/{k:g}^2), so it is not LN-free for the tokens the clamp catches. On the held-out text "
             f"{info['share_any_site']:.2%} of {info['tokens']:,} tokens were divided more than "
             f"{info['level']:g}x as hard as a token at the site's scale at some site ({info['worst_site']} "
