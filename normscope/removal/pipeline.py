@@ -262,6 +262,10 @@ def check(lm: Any, opts: RemoveLnOptions) -> None:
 
     layout, sites = model_sites(lm.model, lm.info.spec)
     chosen = select_sites(sites, opts.sites)
+    globs = opts.train.clamp_sites
+    if globs and not any(fnmatch.fnmatchcase(s.name, g) for s in chosen for g in globs):
+        raise NormscopeError(f"--clamp-sites {' '.join(globs)} matches no removed site; names look like "
+                             f"{', '.join(s.name for s in chosen[:3])}, ... (see `normscope sites MODEL`).")
     blocks = {b.index: b for b in layout.blocks}
     split = {s.name: opts.train.split_value and s.role == "pre_attn" and s.layer in blocks
              and find_value_path(blocks[s.layer].attn, int(layout.d_model)) is not None for s in chosen}
