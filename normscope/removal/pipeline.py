@@ -33,7 +33,7 @@ from normscope.removal.export import DEFAULT_EPS, export_model
 from normscope.removal.export import export_kind as export_kind_text
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import PHASE_LABELS, PHASES
-from normscope.removal.train import StepLog, StopFlag, TrainOptions, latest_checkpoint, train
+from normscope.removal.train import StepLog, StopFlag, TrainOptions, check_clamp_sites, latest_checkpoint, train
 from normscope.report import Figure, Result
 from normscope.report.result import build_meta
 
@@ -262,10 +262,7 @@ def check(lm: Any, opts: RemoveLnOptions) -> None:
 
     layout, sites = model_sites(lm.model, lm.info.spec)
     chosen = select_sites(sites, opts.sites)
-    globs = opts.train.clamp_sites
-    if globs and not any(fnmatch.fnmatchcase(s.name, g) for s in chosen for g in globs):
-        raise NormscopeError(f"--clamp-sites {' '.join(globs)} matches no removed site; names look like "
-                             f"{', '.join(s.name for s in chosen[:3])}, ... (see `normscope sites MODEL`).")
+    check_clamp_sites([s.name for s in chosen], opts.train.clamp_sites)
     blocks = {b.index: b for b in layout.blocks}
     split = {s.name: opts.train.split_value and s.role == "pre_attn" and s.layer in blocks
              and find_value_path(blocks[s.layer].attn, int(layout.d_model)) is not None for s in chosen}
@@ -392,7 +389,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
             if prefix is not None:
                 exported = PrefixModel(exported, prefix).eval()
             export_diff = _check_export(student, exported, eval_sample)
-            export_kind = export_kind_text(prefix is not None, topts.clamp > 0)
+            export_kind = export_kind_text(prefix is not None, final_clamp(res.removal) > 0)
         ln_free = exported
         timings["export"] = time.perf_counter() - ts
     elif opts.export and res.diverged_at is not None:
@@ -680,9 +677,10 @@ def _summary(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions
     if export_dir is not None:
         extra = (" plus the BOS's keys and values per layer (bos_prefix.safetensors; feed them as "
                  "past_key_values and drop the BOS from the input)" if opts.train.exact_bos else "")
-        how = (f"every norm divides by sqrt({opts.eps:g}), the divisors folded into the gains" if not opts.train.clamp
+        k = final_clamp(res.removal)
+        how = (f"every norm divides by sqrt({opts.eps:g}), the divisors folded into the gains" if not k
                else f"each {'clamped ' if opts.train.clamp_sites else ''}norm is an RMSNorm with its own eps K^2 d^2 "
-                    f"and the gain K w, K = {final_clamp(res.removal):g}: the "
+                    f"and the gain K w, K = {k:g}: the "
                     "soft clamp; transformers' config holds one eps, so set each module's from the manifest's "
                     "sites[].folded_eps after loading, as normscope does")
         line = f"Exported to {export_dir} as a plain transformers checkpoint ({how}){extra}; "

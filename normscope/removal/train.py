@@ -203,6 +203,13 @@ def site_clamp(name: str, k: float, globs: list[str]) -> float:
     return k if not globs or any(fnmatch.fnmatchcase(name, g) for g in globs) else 0.0
 
 
+def check_clamp_sites(names: list[str], globs: list[str]) -> None:
+    """One line when ``--clamp-sites`` matches none of the removed sites ``names``."""
+    if globs and not any(site_clamp(n, 1.0, globs) for n in names):
+        raise NormscopeError(f"--clamp-sites {' '.join(globs)} matches no removed site; names look like "
+                             f"{', '.join(names[:3])}, ... (see `normscope sites MODEL`).")
+
+
 def check_clamp(clamp: float, clamp_to: float, clamp_sites: list[str] | None = None) -> None:
     """One line for a --clamp-to or --clamp-sites without --clamp, or a --clamp-to below it."""
     if clamp_sites and not clamp:
@@ -527,9 +534,8 @@ def train(
             w.follow = opts.schedule.taper
             w.guard, w.guard_weight = opts.guard, opts.guard_weight
             w.clamp = site_clamp(w.site_name, opts.clamp, opts.clamp_sites)
-    if not control and opts.clamp_sites and not any(w.clamp for w in removal):
-        raise NormscopeError(f"--clamp-sites {' '.join(opts.clamp_sites)} matches no removed site; names look like "
-                             f"{', '.join(list(removal.wrappers)[:3])}, ... (see `normscope sites MODEL`).")
+    if not control:
+        check_clamp_sites(list(removal.wrappers), opts.clamp_sites)
     aux_names = _aux_site_names(removal, opts.aux_sites)
     # the site log reads whole weights on rank 0 alone, which a sharded model cannot do without the others
     watch = (SiteWatch(removal, site_consumers(layout, removal), WriterUpdates(site_writers(model, layout, sites)))
