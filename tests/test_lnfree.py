@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,11 +352,12 @@ def test_cli_exact_bos_taper_guard_with_control_exports_a_prefix_model(tmp_path)
     assert dla["NMAE, all components (%)"] < 1.0  # the final norm is a fixed scale: DLA is exact
 
 
-@pytest.mark.parametrize("clamp", [(0.0, 0.0, 5), (2.0, 6.0, 9)], ids=["guard", "clamp-loosening"])
+@pytest.mark.parametrize("clamp", [(0.0, 0.0, 5, "soft"), (2.0, 6.0, 9, "soft"), (2.0, 0.0, 7, "hard")],
+                         ids=["guard", "clamp-loosening", "hard-clamp"])
 def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path, clamp):
     from normscope.removal.train import StopFlag, TrainingStopped
 
-    k0, k1, cut = clamp
+    k0, k1, cut, shape = clamp
 
     ids = _bos_ids(32, 16)
     sample = sample_from_ids(ids.tolist(), ["x"] * 32, batch_size=4, bos_prepended=True)
@@ -370,7 +372,7 @@ def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path, clamp):
 
         opts = TrainOptions(steps=12, lr=2e-3, exact_bos=True, aux_sites="all", aux_form="log", aux_anchor=True,
                             guard=2.0, clamp=k0, clamp_to=k1, clamp_sites=["blocks.*"] if k0 else [],
-                            save_every=4,
+                            clamp_shape=shape, save_every=4,
                             schedule=ScheduleOptions(start=2, ramp_steps=6, ramp_shape="cosine", taper=True))
         return train(model, layout, sites, sample.batches, opts, run_dir, resume=resume, progress=progress,
                      stop=flag), model
@@ -380,11 +382,13 @@ def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path, clamp):
         run(tmp_path / "cut", stop_at=cut)
     again, m_again = run(tmp_path / "cut", resume=True)
     assert again.resumed_from == cut
+    k_end = k1 or k0
     for w in again.removal:  # loosened to --clamp-to by the last step, at the --clamp-sites only
-        assert w.clamp == (k1 if w.site_name.startswith("blocks.") else 0.0), w.site_name
+        assert w.clamp == (k_end if w.site_name.startswith("blocks.") else 0.0), w.site_name
+        assert w.clamp_hard == (shape == "hard")
     from normscope.removal.pipeline import final_clamp
 
-    assert final_clamp(again.removal) == k1  # what the page reports: the clamp it ends with
+    assert final_clamp(again.removal) == k_end  # what the page reports: the clamp it ends with
     assert [h.loss for h in again.history] == [h.loss for h in full.history]
     assert again.removal.state() == full.removal.state()
     for a, b in zip(m_full.state_dict().values(), m_again.state_dict().values(), strict=True):
@@ -498,7 +502,86 @@ def test_clamp_usage_counts_what_a_direct_count_of_each_sites_input_gives():
     assert 0 < info["share_any_site"] < 1
 
 
-def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path):
+def test_hard_clamp_is_the_constant_below_its_knee_and_normalises_above():
+    """--clamp-shape hard against max(d, live / K) computed directly: every token up to K x the site's scale is
+    divided by the frozen constant exactly (LN-free), a runaway leaves at K x, the fixed prefix keeps its live
+    divisor, and clamp_ratio is 1 below the knee."""
+    from normscope.removal.frozen import clamp_ratio
+
+    model, layout, sites = _setup()
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, _bos_ids())
+    w = rem["blocks.1.ln2"]
+    d = w.divisor
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(1)) * d  # [batch, pos, d_model]
+    x[1, 3] *= 200.0  # a runaway token
+    w.clamp, w.clamp_hard = 2.0, True
+    live = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + w.eps)  # [2, 6, 1]
+    want = x / torch.maximum(torch.full_like(live, d), live / 2.0) * w.weight  # [2, 6, 64]
+    want[:, 0] = x[:, 0] / live[:, 0] * w.weight  # the fixed prefix: exact live divisor
+    for mode in (w.train, w.eval):
+        mode()
+        assert torch.allclose(w(x), want, atol=1e-5, rtol=1e-5)
+    below = (live[:, 1:, 0] < 2.0 * d)  # [2, 5]
+    assert int(below.sum()) == 9  # every token but the runaway
+    const = (x[:, 1:] / d * w.weight)[below]  # [9, 64]: the frozen constant, no dependence on the token's RMS
+    assert torch.allclose(w(x)[:, 1:][below], const, rtol=1e-6, atol=1e-7)
+    out_rms = (w(x) / w.weight).pow(2).mean(-1).sqrt()  # [2, 6]
+    assert float(out_rms[1, 3]) == pytest.approx(2.0, rel=1e-3)
+    r = clamp_ratio(live, d, 2.0, hard=True)
+    assert bool((r[:, 1:][below] == 1.0).all()) and float(r[1, 3]) == pytest.approx(float(live[1, 3]) / (2 * d))
+
+
+def test_hard_clamped_export_applies_its_knee_as_a_hook_and_loads_exactly(tmp_path):
+    """A hard-clamped site folds like a plain one (the shared eps) and its knee comes back as a forward hook:
+    through normscope (BOS included) and through plain transformers plus the prefix, the logits are the trained
+    model's; without the hooks they are not."""
+    from transformers import AutoModelForCausalLM
+
+    from normscope.core.lnfree import apply_site_eps
+    from normscope.core.models import load_model
+    from normscope.removal.prefix import Prefix
+
+    model, layout, sites = _setup()
+    ids = _bos_ids()
+    rem = Removal(model, layout, sites)
+    _freeze_all(rem, model, ids)
+    for w in rem:  # a knee low enough to catch tokens; the final norm a constant
+        w.clamp, w.clamp_hard = (0.0, False) if w.site_name == "ln_final" else (0.8, True)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits  # [batch, pos, vocab]
+        with rem.without_clamp():
+            unclamped = model(input_ids=ids).logits
+    assert (want - unclamped).abs().max() > 1e-3
+    out, _ = export_model(model, rem, tiny_tokenizer(), tmp_path / "exp", {}, prefix=compute_prefix(model, [BOS]))
+    manifest = json.loads((out / "normscope_removal.json").read_text())
+    assert "hard clamp" in manifest["export_kind"] and "Hard-clamped" in manifest["note"]
+    s0 = manifest["sites"][0]
+    assert s0["clamp_shape"] == "hard" and s0["folded_eps"] == pytest.approx(manifest["eps"])  # folded as plain
+    lm = load_model(str(out), device="cpu", dtype="float32")
+    with torch.no_grad():
+        got = lm.model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    plain = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
+    pm = PrefixModel(plain, Prefix.load(out)).eval()
+    with torch.no_grad():
+        bare = pm(input_ids=ids).logits  # no knee: the weights without the clamp
+    assert torch.allclose(bare[:, 1:], unclamped[:, 1:], atol=1e-4, rtol=1e-4)
+    assert apply_site_eps(plain, out) == len(sites) - 1  # a hook at each clamped site (the BOS is not in the input)
+    with torch.no_grad():
+        fixed = pm(input_ids=ids).logits
+    assert torch.allclose(fixed[:, 1:], want[:, 1:], atol=1e-4, rtol=1e-4)
+    # the README's plain-transformers snippet, run as written (BOS dropped from the input, prefix as the cache)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("Using the export with plain transformers")[1].split("```python")[1].split("```")[0]
+    scope = {"path": str(out), "ids": ids[:, 1:], "B": ids.shape[0]}
+    with torch.no_grad():
+        exec(snippet, scope)  # noqa: S102 - the documented snippet itself
+    assert torch.allclose(scope["logits"], want[:, 1:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", ["soft", "hard"])
+def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path, shape):
     from typer.testing import CliRunner
 
     from normscope.cli import app
@@ -511,29 +594,33 @@ def test_cli_clamp_reports_its_share_and_the_same_weights_without_it(tmp_path):
     res = CliRunner().invoke(app, [
         "remove-ln", str(folder), "--text", str(tmp_path / "train.txt"), "--eval-text", str(tmp_path / "eval.txt"),
         "--steps", "10", "--seq-len", "32", "--batch-size", "4", "--exact-bos", "--taper", "--start", "2",
-        "--ramp-steps", "5", "--clamp", "4", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "rep")])
+        "--ramp-steps", "5", "--clamp", "4", "--clamp-shape", shape, "--run-dir", str(tmp_path / "run"),
+        "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "rep" / "remove-ln.json").read_text())
     h = rep["headlines"]
     assert h["clamp"] == 4.0 and 0 <= h["clamp_share_of_tokens"] <= 1 and h["clamp_worst_site"]
+    assert h["clamp_shape"] == shape and rep["clamp_usage"]["level"] == (1.0 if shape == "hard" else 1.1)
     manifest = json.loads((tmp_path / "run" / "ln-free-model" / "normscope_removal.json").read_text())
     manifest_kind = manifest["export_kind"]
-    assert "per-site eps" in manifest_kind and h["export_kind"] == manifest_kind  # one wording, page and manifest
+    kind_words = "per-site eps" if shape == "soft" else "hard clamp"
+    assert kind_words in manifest_kind and h["export_kind"] == manifest_kind  # one wording, page and manifest
     models = [r["model"] for r in rep["ce"]]
     assert models == ["original", "LN-free", "LN-free, clamp off"]
-    assert h["export_max_logit_diff"] < 1e-3
-    assert "soft clamp (--clamp 4)" in " ".join(rep["summary"])
+    assert h["export_max_logit_diff"] < 1e-3  # the export checked with its per-site eps or knees applied
+    summary = " ".join(rep["summary"])
+    assert (f"{shape} clamp (--clamp 4" in summary) and ("max(d, live/4)" in summary) == (shape == "hard")
     page = (tmp_path / "rep" / "remove-ln.html").read_text()
     assert "99.9th-percentile token loss, LN-free" in page and "p99 9" not in page  # cards in words
-    assert "share of held-out tokens the clamp divides &gt; 1.1x as hard" in page
-    assert "per-site eps" in h["export_kind"] and "sites[].folded_eps" in " ".join(rep["summary"])
+    assert "share of held-out tokens the clamp acts on" in page
+    assert ("sites[].folded_eps" if shape == "soft" else "hard knee at K = 4") in summary
     # sinks on the export: its norms are constants for ordinary tokens, so no "outlier-driven rescaling" claim
     exp = str(tmp_path / "run" / "ln-free-model")
     res = CliRunner().invoke(app, ["sinks", exp, "--text", str(tmp_path / "eval.txt"), "--seq-len", "32", "--bos",
                                    "yes", "--force", "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
     text = " ".join(json.loads((tmp_path / "s" / "sinks.json").read_text())["summary"])
-    assert "remove-ln export" in text and "soft clamp" in text and "Outlier-driven rescaling" not in text
+    assert "remove-ln export" in text and "clamp" in text and "Outlier-driven rescaling" not in text
 
 
 def test_clamp_sites_choose_where_the_clamp_applies_and_a_glob_matching_nothing_is_refused(tmp_path):
@@ -543,6 +630,10 @@ def test_clamp_sites_choose_where_the_clamp_applies_and_a_glob_matching_nothing_
     assert site_clamp("blocks.3.ln2", 3.0, ["blocks.*"]) == 3.0 and site_clamp("ln_final", 3.0, ["blocks.*"]) == 0
     with pytest.raises(NormscopeError, match="give --clamp K too"):
         check_clamp(0.0, 0.0, ["blocks.*"])
+    with pytest.raises(NormscopeError, match="give --clamp K too"):
+        check_clamp(0.0, 0.0, [], "hard")
+    with pytest.raises(NormscopeError, match="soft or hard"):
+        check_clamp(3.0, 0.0, [], "sharp")
     model, layout, sites = _setup()
     sample = sample_from_ids(_bos_ids(8, 12).tolist(), ["x"] * 8, batch_size=4, bos_prepended=True)
     opts = TrainOptions(steps=4, exact_bos=True, clamp=3.0, clamp_sites=["block.*"],

@@ -21,14 +21,19 @@
 #   L: J continued alike: 200 steps while the clamp loosens from 3 to 4.5
 #   M: K with its final norm's clamp taken off (--clamp-sites 'blocks.*': the final norm a pure constant, so dla
 #      is exact), 60 steps at 2e-5; its control is K's (F's) continued: run both stages
+#   N: M's steps and tokens from E in one warm start, with a hard clamp (--clamp-shape hard: max(d, live/K), the
+#      guard's knee kept in the export) at K = 2 on the 60 block sites and the final norm a constant: every token
+#      below 2x its site's scale sees the constant divisor exactly; the guard at 2 penalises what the knee catches.
+#      Scored against the original only (no control is trained: M's control, E's continued 180 steps, is the same)
+#   O: N with the knee at K = 3 (and the guard at 3): where does the knee start to let the spikes through?
 # The script is read as it runs: do not edit it in place while a stage is going (write a copy and mv it over).
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
 #   bash benchmarks/lnfree/variant.sh E score
 cd "$(dirname "$0")/../.." || exit 1
 set -f  # the options hold site globs (blocks.*), not file names
-export OMP_NUM_THREADS=1
-V=${1:?give the variant: A-M}
+export OMP_NUM_THREADS=${THREADS:-1}  # THREADS=2 for a training that runs alone
+V=${1:?give the variant: A-O}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -44,7 +49,9 @@ case "$V" in
   K) SCHEDULE="--init-from runs/E --steps 120 --lr 5e-5 --grad-clip 0.5 --guard 4 --clamp 3" ;;
   L) SCHEDULE="--init-from runs/J --steps 200 --lr 2e-5 --grad-clip 0.5 --guard 2 --clamp 3 --clamp-to 4.5" ;;
   M) SCHEDULE="--init-from runs/K --steps 60 --lr 2e-5 --grad-clip 0.5 --guard 4 --clamp 3 --clamp-sites blocks.*" ;;
-  *) echo "unknown variant '$V'; give one of A to M" >&2; exit 2 ;;
+  N) SCHEDULE="--init-from runs/E --steps 180 --lr 5e-5 --grad-clip 0.5 --guard 2 --clamp 2 --clamp-shape hard --clamp-sites blocks.*" ;;
+  O) SCHEDULE="--init-from runs/E --steps 180 --lr 5e-5 --grad-clip 0.5 --guard 3 --clamp 3 --clamp-shape hard --clamp-sites blocks.*" ;;
+  *) echo "unknown variant '$V'; give one of A to O" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor
@@ -60,5 +67,6 @@ if [ "$STAGE" = all ] || [ "$STAGE" = control ]; then
   .venv/bin/normscope "${ARGS[@]}" --control --only control "${R[@]}" || exit $?
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = score ]; then
-  .venv/bin/normscope "${ARGS[@]}" --control --resume
+  C=(--control); [ -d "runs/$V/control" ] || C=()  # no control trained: scored against the original only
+  .venv/bin/normscope "${ARGS[@]}" "${C[@]}" --resume
 fi

@@ -170,6 +170,11 @@ def _remove_ln(
         "--clamp-to", min=0.0, help="Loosen the --clamp geometrically to this K between the step the gate closes "
         "and the last step, so the model ends nearly LN-free for every token up to ~K times its site's scale "
         "(0: the clamp stays).")] = 0.0,
+    clamp_shape: Annotated[str, typer.Option(
+        "--clamp-shape", help="soft: sqrt(d^2 + live^2/K^2), as above. hard: max(d, live/K), the --guard knee "
+        "kept in the export: every token up to K times its site's scale is divided by the constant d exactly "
+        "(LN-free for it), only the tokens above are normalised (the export applies the knee with a forward "
+        "hook per site).")] = "soft",
     clamp_sites: Annotated[list[str] | None, typer.Option(
         "--clamp-sites", help="Clamp only the sites matching these globs (default: every removed site); e.g. "
         "'blocks.*' leaves the final norm a pure constant, so dla is exact on the export.")] = None,
@@ -245,7 +250,7 @@ def _remove_ln(
     if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise NormscopeError("--fsdp shards the model over several processes; launch with torchrun "
                              "--nproc-per-node N (N >= 2), or drop --fsdp.")
-    check_clamp(clamp, clamp_to, clamp_sites)
+    check_clamp(clamp, clamp_to, clamp_sites, clamp_shape)
     if ramp_shape not in ("linear", "cosine"):
         raise NormscopeError(f"--ramp-shape must be linear or cosine, not '{ramp_shape}'.")
     if sum(bool(x) for x in (text, dataset, self_generated)) > 1:
@@ -283,7 +288,7 @@ def _remove_ln(
                          first_token=first_token, split_value=split_v, schedule=sched, seed=seed,
                          save_every=save_every, keep_checkpoints=keep_checkpoints,
                          exact_bos=exact_bos, aux_anchor=aux_anchor, guard=guard, clamp=clamp, clamp_to=clamp_to,
-                         clamp_sites=list(clamp_sites or []),
+                         clamp_sites=list(clamp_sites or []), clamp_shape=clamp_shape,
                          precision=m.dtype,
                          init_from=str(init_from) if init_from else None,
                          gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, log_sites=log_sites and not fsdp)

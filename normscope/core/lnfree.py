@@ -34,9 +34,32 @@ PREFIX_FILE = "bos_prefix.safetensors"
 
 
 def export_description(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What analyses need to know of a remove-ln export: its kind, and whether its norms keep a soft clamp."""
-    return {"kind": str(manifest.get("export_kind") or "LN-free export"),
-            "clamped": any(site.get("clamp") for site in manifest.get("sites", []))}
+    """What analyses need to know of a remove-ln export: its kind, and whether its norms keep a clamp (and of
+    which shape: ``soft`` or ``hard``)."""
+    shapes = {site.get("clamp_shape") or "soft" for site in manifest.get("sites", []) if site.get("clamp")}
+    return {"kind": str(manifest.get("export_kind") or "LN-free export"), "clamped": bool(shapes),
+            "clamp_shape": ("hard" if shapes == {"hard"} else "soft") if shapes else None}
+
+
+def _knee_hook(skip: int, centered: bool, divisor: float, k: float, eps: float, bias: Any) -> Any:
+    """A hard clamp's knee on a folded site (``remove-ln --clamp-shape hard``): the folded module divides by the
+    constant ``divisor``; a token whose own divisor ``sqrt(ms + eps)`` is above ``k * divisor`` is scaled down
+    by ``k * divisor / sqrt(ms + eps)``, so it leaves at ``k`` x the site's scale. Positions < ``skip`` (the
+    BOS, which keeps its live divisor through :func:`install_exact_bos`) are left alone."""
+    def hook(_mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # [batch, pos, d]
+        if x.dim() < 2 or x.shape[1] <= skip:
+            return out
+        xf = x[:, skip:].float()  # [batch, pos - skip, d]
+        if centered:
+            xf = xf - xf.mean(dim=-1, keepdim=True)
+        live = torch.sqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # [batch, pos - skip, 1]
+        f = (k * divisor / live).clamp(max=1.0)
+        b = bias.float() if isinstance(bias, torch.Tensor) else 0.0
+        tail = ((out[:, skip:].float() - b) * f + b).to(out.dtype)  # [batch, pos - skip, d]
+        return torch.cat([out[:, :skip], tail], dim=1)
+
+    return hook
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -74,10 +97,12 @@ def _site_hook(k: int, centered: bool, divisor: float, eps: float, big_eps: floa
     return hook
 
 
-def apply_site_eps(model: nn.Module, folder: Path, manifest: dict[str, Any] | None = None) -> int:
-    """Give every norm of a soft-clamped export (``remove-ln --clamp``) its own eps from the manifest, which the
-    config's single eps cannot hold; returns how many modules were set (0 for any other folder). ``manifest``:
-    the folder's, when the caller has read it already."""
+def apply_site_eps(model: nn.Module, folder: Path, manifest: dict[str, Any] | None = None, skip: int = 0) -> int:
+    """Give every clamped norm of an export (``remove-ln --clamp``) what the config cannot hold: a soft-clamped
+    site its own eps from the manifest, a hard-clamped one (``clamp_shape`` "hard") its knee, as one forward
+    hook (:func:`_knee_hook`; ``skip``: the fixed prefix positions the loader runs through the model, which
+    keep their own divisor). Returns how many modules were set (0 for any other folder). ``manifest``: the
+    folder's, when the caller has read it already."""
     manifest = manifest if manifest is not None else read_manifest(folder)
     if manifest is None:
         return 0
@@ -90,7 +115,13 @@ def apply_site_eps(model: nn.Module, folder: Path, manifest: dict[str, Any] | No
         except AttributeError as exc:
             raise NormscopeError(f"{folder}: the export's manifest names {site['path']}, which the model lacks; "
                                  "the folder's weights and manifest come from different runs.") from exc
-        n += set_module_eps(mod, float(site["folded_eps"]))
+        if site.get("clamp_shape") == "hard":
+            mod.register_forward_hook(_knee_hook(skip, site.get("kind") == "layernorm", float(site["divisor"]),
+                                                 float(site["clamp"]), float(site["original_eps"]),
+                                                 getattr(mod, "bias", None)))
+            n += 1
+        else:
+            n += set_module_eps(mod, float(site["folded_eps"]))
     return n
 
 

@@ -357,7 +357,9 @@ def load_model(
         manifest = read_manifest(Path(where))  # read once: None for any folder but a remove-ln export
         if manifest is not None:
             ln_free = export_description(manifest)
-            apply_site_eps(model, Path(where), manifest)  # a soft-clamped export: each norm has its own eps
+            # a clamped export: each norm its own eps (soft) or knee (hard); the BOS the loader runs keeps its own
+            apply_site_eps(model, Path(where), manifest, skip=0 if for_training else len(manifest.get("prefix_ids")
+                                                                                          or []))
             if not for_training:  # an exact-BOS export: its BOS keeps its own divisor
                 exact_bos = install_exact_bos(model, Path(where), manifest)
     model.train(for_training)

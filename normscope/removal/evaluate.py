@@ -148,10 +148,14 @@ def residual_norms(model: nn.Module, sample: Any, max_batches: int = 2) -> pd.Da
 
 
 def clamp_usage(model: nn.Module, removal: Removal, sample: Any, level: float = 1.1) -> dict[str, Any]:
-    """What the soft clamp (``remove-ln --clamp K``) did on held-out text: the share of tokens (past the fixed
-    prefix) that some site divided more than ``level`` x as hard as a token at the site's scale, i.e. where the
-    model is not LN-free (:func:`normscope.removal.frozen.clamp_ratio`), per site and over all sites, and the
-    largest ratio. One forward pass per batch; the hooks keep counts, never activations."""
+    """What the clamp (``remove-ln --clamp K``) did on held-out text: the share of tokens (past the fixed prefix)
+    that some site divided more than ``level`` x as hard as a token at the site's scale, i.e. where the model is
+    not LN-free (:func:`normscope.removal.frozen.clamp_ratio`), per site and over all sites, and the largest
+    ratio. A hard clamp (``--clamp-shape hard``) is the constant below its knee, so for it every token the knee
+    touches counts (``level`` 1). One forward pass per batch; the hooks keep counts, never activations."""
+    hard = any(w.clamp > 0 for w in removal) and all(w.clamp_hard for w in removal if w.clamp > 0)
+    if hard:
+        level = 1.0
     per_site: dict[str, list[int]] = {}
     state: dict[str, Any] = {"any": None, "max": 1.0}
     handles = []
@@ -162,7 +166,7 @@ def clamp_usage(model: nn.Module, removal: Removal, sample: Any, level: float = 
                 return
             live = w.live_divisor(args[0])  # [batch, pos, ..., 1]
             k = max(w.n_fixed, w.aux_skip_first)
-            r = clamp_ratio(live[:, k:], w.divisor, w.clamp)
+            r = clamp_ratio(live[:, k:], w.divisor, w.clamp, w.clamp_hard)
             r = r.reshape(r.shape[0], r.shape[1], -1).amax(dim=-1)  # [batch, pos - k]
             hit = torch.nan_to_num(r, nan=float("inf")) > level
             cnt = per_site.setdefault(w.site_name, [0, 0])
@@ -195,4 +199,5 @@ def clamp_usage(model: nn.Module, removal: Removal, sample: Any, level: float = 
     return {"level": level, "share_any_site": hits / total if total else 0.0, "tokens": total,
             "max_ratio": state["max"], "worst_site": worst, "worst_site_share": shares[worst] if worst else 0.0,
             "sites": [{"site": n, "share": v, "tokens": per_site[n][1]} for n, v in shares.items()],
-            "sites_clamped": sum(1 for w in removal if w.clamp > 0), "sites_removed": removal.n_removed()}
+            "sites_clamped": sum(1 for w in removal if w.clamp > 0), "sites_removed": removal.n_removed(),
+            "hard": hard}

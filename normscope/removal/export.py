@@ -52,11 +52,12 @@ def folded_site(w: Any, eps: float = DEFAULT_EPS) -> tuple[float, float]:
     A plain frozen site takes the huge shared ``eps`` and its divisor ``d``. A soft-clamped one (``w.clamp = K``
     > 0, see :meth:`normscope.removal.frozen.FrozenNorm._clamped`) divides by ``sqrt(d^2 + (ms + eps0) / K^2)``,
     which is ``sqrt(ms + E) / K`` with its own ``E = K^2 d^2 + eps0``: an RMSNorm (LayerNorm) with that eps and
-    the gain ``K w``, i.e. ``folded_gain`` with the divisor ``sqrt(E) / K``.
+    the gain ``K w``, i.e. ``folded_gain`` with the divisor ``sqrt(E) / K``. A hard-clamped one
+    (``w.clamp_hard``) is folded like a plain site: its knee is no RMSNorm, and the loader adds it as a hook.
     """
     assert w.divisor is not None
     k = float(getattr(w, "clamp", 0.0) or 0.0)
-    if k <= 0:
+    if k <= 0 or getattr(w, "clamp_hard", False):
         return eps, float(w.divisor)
     site_eps = k * k * float(w.divisor) ** 2 + float(w.eps)
     return site_eps, math.sqrt(site_eps) / k
@@ -125,11 +126,20 @@ def fold(model: nn.Module, removal: Removal, eps: float = DEFAULT_EPS) -> nn.Mod
     return plain
 
 
-def export_kind(prefix: bool, clamped: bool) -> str:
-    """What kind of export a run wrote, in the one wording the manifest, the terminal and the page share."""
+def clamp_shape_of(removal: Any) -> str | None:
+    """``"soft"`` or ``"hard"`` when some site of ``removal`` keeps a clamp (``remove-ln --clamp``), else None."""
+    shapes = {"hard" if getattr(w, "clamp_hard", False) else "soft" for w in removal if w.clamp}
+    return None if not shapes else "hard" if shapes == {"hard"} else "soft"
+
+
+def export_kind(prefix: bool, clamp: str | None) -> str:
+    """What kind of export a run wrote, in the one wording the manifest, the terminal and the page share.
+    ``clamp``: the shape of the clamp its norms keep (:func:`clamp_shape_of`), None for none."""
     return ("a plain transformers checkpoint" + (" plus a BOS key/value prefix (bos_prefix.safetensors)" if prefix
                                                  else "")
-            + (", with per-site eps (the soft clamp; the manifest's sites[].folded_eps)" if clamped else ""))
+            + (", with per-site eps (the soft clamp; the manifest's sites[].folded_eps)" if clamp == "soft" else
+               ", with a hard clamp at some sites (a forward hook each; the manifest's sites[].clamp)"
+               if clamp == "hard" else ""))
 
 
 def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Path, manifest: dict[str, Any],
@@ -151,17 +161,25 @@ def export_model(model: nn.Module, removal: Removal, tokenizer: Any, out_dir: Pa
             site_eps, site_div = folded_site(w, eps)
             sites.append({"name": w.site_name, "path": site.path, "role": w.role, "kind": site.kind,
                           "divisor": w.divisor, "first_token_divisor": w.divisor_first,
-                          "clamp": w.clamp or None, "folded_eps": site_eps, "folded_divisor": site_div,
+                          "clamp": w.clamp or None,
+                          "clamp_shape": ("hard" if w.clamp_hard else "soft") if w.clamp else None,
+                          "folded_eps": site_eps, "folded_divisor": site_div,
                           "frozen_at_step": w.frozen_at, "value_path_frozen_at_step": w.frozen_v_at,
                           "original_eps": w.eps})
-        clamped = any(w.clamp for w in removal)
-        full = {"format": "normscope LN-free export", "export_kind": export_kind(prefix is not None, clamped),
+        shape = clamp_shape_of(removal)
+        full = {"format": "normscope LN-free export", "export_kind": export_kind(prefix is not None, shape),
                 "eps": eps,
                 "prefix_ids": prefix.ids.tolist() if prefix is not None else None,
                 "note": ("Every norm divides by the constant sqrt(eps): gain = w * sqrt(eps) / divisor. Load in "
                          "float32 or bfloat16 (float16 overflows the folded gains). Replace the norms by their "
                          "gain (an elementwise scale) after folding for exact linear attribution."
-                         if not clamped else
+                         if shape is None else
+                         "Hard-clamped sites (sites[].clamp_shape 'hard'): each norm divides by the constant "
+                         "sqrt(eps) as above, and a token whose own RMS sqrt(ms + original_eps) is above "
+                         "K x the site's divisor is scaled down by K divisor / sqrt(ms + original_eps) after it "
+                         "(a forward hook; normscope's loader adds it). Every token below the knee sees the "
+                         "constant: LN-free for it."
+                         if shape == "hard" else
                          "Soft-clamped sites: each norm keeps its own eps = K^2 d^2 + eps0 (sites[].folded_eps) and "
                          "the gain K w, so it divides by sqrt(d^2 + ms / K^2): within 1 / (2 K^2) of the constant d "
                          "for ordinary tokens, a norm for tokens above K d. The config's one eps cannot say this: "

@@ -73,11 +73,17 @@ def blended_first_divisor(d_first: float, d_rest: float, blend: float) -> float:
     return math.exp((1.0 - blend) * math.log(d_first) + blend * math.log(d_rest))
 
 
-def clamp_ratio(live: torch.Tensor, divisor: float, k: float) -> torch.Tensor:
-    """How much harder the soft clamp (``remove-ln --clamp K``) divides a token than a token at the site's scale:
-    ``sqrt(1 + (live / (K d))^2) / sqrt(1 + 1 / K^2)``, 1 for ``live = d`` and about ``live / (K d)`` for a
-    token running away. live: ``[..., 1]`` per-token RMS (std); same shape out."""
-    return torch.sqrt(1.0 + (live.float() / (k * divisor)).pow(2)) / math.sqrt(1.0 + 1.0 / (k * k))
+def clamp_ratio(live: torch.Tensor, divisor: float, k: float, hard: bool = False) -> torch.Tensor:
+    """How much harder the clamp (``remove-ln --clamp K``) divides a token than a token at the site's scale.
+
+    Soft: ``sqrt(1 + (live / (K d))^2) / sqrt(1 + 1 / K^2)``, 1 for ``live = d`` and about ``live / (K d)`` for
+    a token running away. Hard (``--clamp-shape hard``): ``max(1, live / (K d))``, exactly 1 (the constant
+    divisor) for every token up to ``K`` x the site's scale. live: ``[..., 1]`` per-token RMS (std); same shape
+    out."""
+    r = live.float() / (k * divisor)
+    if hard:
+        return r.clamp_min(1.0)
+    return torch.sqrt(1.0 + r.pow(2)) / math.sqrt(1.0 + 1.0 / (k * k))
 
 
 def aux_spread(div: torch.Tensor, form: str = "squared", *, skip: int = 0,
@@ -159,6 +165,7 @@ class FrozenNorm(nn.Module):
         self.guard = 0.0  # training only: cap a token's divisor ratio at guard (0: off); see guard_penalty
         self.guard_weight = 10.0
         self.clamp = 0.0  # a soft clamp kept in the export: divisor sqrt(d^2 + live^2 / clamp^2) (0: off)
+        self.clamp_hard = False  # the clamp's hard knee instead: divisor max(d, live / clamp)
         # per-forward switches and outputs
         self.tracking = False
         self.aux = False
@@ -257,15 +264,25 @@ class FrozenNorm(nn.Module):
         return self._affine(xf * inv, x.dtype)
 
     def _clamped(self, x: torch.Tensor, inv: torch.Tensor | float, live: torch.Tensor) -> torch.Tensor:
-        """The soft clamp: ``1 / sqrt(d^2 + live^2 / K^2)`` past the fixed prefix (``d`` the frozen divisor).
+        """The clamp kept in the export, past the fixed prefix (``d`` the frozen divisor). ``[batch, pos, ..., 1]``.
 
-        An ordinary token (live ~ d) is divided by ``d * sqrt(1 + 1/K^2)``, within ``1 / (2 K^2)`` of the
-        frozen constant; a token running away (live >> K d) is normalised down to ``K`` times the site's
-        scale, in training and in the export alike (an RMSNorm with eps ``K^2 d^2`` and gain ``K w`` computes
-        exactly this). The fixed prefix keeps its exact live divisor. ``[batch, pos, ..., 1]``.
+        Soft (the default): ``1 / sqrt(d^2 + live^2 / K^2)``. An ordinary token (live ~ d) is divided by
+        ``d * sqrt(1 + 1/K^2)``, within ``1 / (2 K^2)`` of the frozen constant; a token running away
+        (live >> K d) is normalised down to ``K`` times the site's scale, in training and in the export alike
+        (an RMSNorm with eps ``K^2 d^2`` and gain ``K w`` computes exactly this).
+
+        Hard (``clamp_hard``): ``1 / max(d, live / K)``, the training guard's knee kept for good. Every token
+        up to ``K`` x the site's scale is divided by the constant ``d`` exactly (LN-free, linear), and only a
+        token above it is normalised, down to ``K`` x. No RMSNorm computes this: the export folds ``d`` like
+        an unclamped site and a forward hook applies the knee (:mod:`normscope.core.lnfree`).
+
+        The fixed prefix keeps its exact live divisor.
         """
         d = 1.0 / inv if isinstance(inv, torch.Tensor) else torch.tensor(1.0 / inv, device=x.device)
-        c = torch.rsqrt(d.pow(2) + (live / self.clamp).pow(2))  # [batch, pos, ..., 1]
+        if self.clamp_hard:
+            c = torch.minimum(1.0 / d, self.clamp / live)  # [batch, pos, ..., 1]
+        else:
+            c = torch.rsqrt(d.pow(2) + (live / self.clamp).pow(2))  # [batch, pos, ..., 1]
         if self.n_fixed and isinstance(inv, torch.Tensor) and inv.shape[0] == c.shape[0] and x.dim() >= 2:
             k = min(self.n_fixed, x.shape[1])
             c = torch.cat([inv[:, :k].expand_as(c[:, :k]), c[:, k:]], dim=1)
@@ -376,7 +393,7 @@ class FrozenNorm(nn.Module):
         return {k: getattr(self, k) for k in ("ema", "ema_first", "divisor", "divisor_first", "first_blend",
                                               "frozen", "frozen_v", "split_v", "frozen_at", "frozen_v_at", "ramp",
                                               "ramp_v", "n_fixed", "follow", "aux_target", "aux_skip_first",
-                                              "guard", "guard_weight", "clamp")}
+                                              "guard", "guard_weight", "clamp", "clamp_hard")}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
@@ -523,7 +540,7 @@ class Removal:
     def without_clamp(self) -> Iterator[None]:
         """The same weights with every soft clamp off (pure frozen divisors), restored afterwards even on error:
         how ``remove-ln --clamp`` scores what its model would be without the clamp."""
-        kept = {name: w.clamp for name, w in self.wrappers.items()}
+        kept = {name: w.clamp for name, w in self.wrappers.items()}  # clamp_hard is kept: clamp 0 turns it off
         for w in self.wrappers.values():
             w.clamp = 0.0
         try:

@@ -29,7 +29,7 @@ from normscope.core.errors import NormscopeError
 from normscope.core.sites import find_layout, find_norm_sites
 from normscope.removal import evaluate as ev
 from normscope.removal.dist import all_reduce, dist_env, init_distributed, plain_copy
-from normscope.removal.export import DEFAULT_EPS, export_model
+from normscope.removal.export import DEFAULT_EPS, clamp_shape_of, export_model
 from normscope.removal.export import export_kind as export_kind_text
 from normscope.removal.frozen import Removal
 from normscope.removal.schedule import PHASE_LABELS, PHASES
@@ -389,7 +389,7 @@ def run(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions | No
             if prefix is not None:
                 exported = PrefixModel(exported, prefix).eval()
             export_diff = _check_export(student, exported, eval_sample)
-            export_kind = export_kind_text(prefix is not None, final_clamp(res.removal) > 0)
+            export_kind = export_kind_text(prefix is not None, clamp_shape_of(res.removal))
         ln_free = exported
         timings["export"] = time.perf_counter() - ts
     elif opts.export and res.diverged_at is not None:
@@ -516,6 +516,7 @@ def build_result(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOpt
     if clamp_info is not None:
         headlines.update({
             "clamp": final_clamp(res.removal),  # where --clamp-to loosened it to, not where it started
+            "clamp_shape": "hard" if clamp_info.get("hard") else "soft",
             "clamp_share_of_tokens": round(clamp_info["share_any_site"], 5),
             "clamp_worst_site": clamp_info["worst_site"],
             "ce_ln_free_clamp_off": round(stats[CLAMP_OFF]["mean"], 4),
@@ -562,8 +563,9 @@ LABELS = {
     "p99_9_ln_free": "99.9th-percentile token loss, LN-free (nats)",
     "ce_ln_free": "held-out CE, LN-free",
     "ce_ln_free_clamp_off": "held-out CE, LN-free weights with the clamp off",
-    "clamp": "soft clamp K (--clamp)",
-    "clamp_share_of_tokens": "share of held-out tokens the clamp divides > 1.1x as hard",
+    "clamp": "clamp K (--clamp)",
+    "clamp_shape": "clamp shape (--clamp-shape)",
+    "clamp_share_of_tokens": "share of held-out tokens the clamp acts on (soft: > 1.1x as hard; hard: any)",
     "clamp_worst_site": "site whose clamp acts most often",
     "export_max_logit_diff": "export vs trained model, max logit difference",
 }
@@ -575,18 +577,22 @@ CLAMP_OFF = "LN-free, clamp off"
 
 
 def final_clamp(removal: Any) -> float:
-    """The soft clamp K the trained model ends with (``--clamp-to`` loosens it from ``--clamp``; 0: none)."""
+    """The clamp K the trained model ends with (``--clamp-to`` loosens it from ``--clamp``; 0: none)."""
     return max((w.clamp for w in removal), default=0.0)
 
 
 def clamp_sentence(k: float, info: dict[str, Any], stats: dict[str, dict[str, float]]) -> str:
-    """What the soft clamp means for the "LN-free" numbers: the model is not LN-free where it acts."""
+    """What the clamp means for the "LN-free" numbers: the model is not LN-free where it acts."""
     off = stats[CLAMP_OFF]
     where = ("each removed site divides" if info["sites_clamped"] == info["sites_removed"]
              else f"{info['sites_clamped']} of its {info['sites_removed']} removed sites (--clamp-sites; the rest "
                   "divide by constants) divide")
-    return (f"The \"LN-free\" model keeps a soft clamp (--clamp {k:g}): {where} by sqrt(d^2 + "
-            f"live^2/{k:g}^2), so it is not LN-free for the tokens the clamp catches. On the held-out text "
+    shape = (f"a hard clamp (--clamp {k:g} --clamp-shape hard): {where} by max(d, live/{k:g}), the constant d "
+             f"for every token up to {k:g}x the site's scale, so it is LN-free for all tokens but those the knee "
+             "catches" if info.get("hard") else
+             f"a soft clamp (--clamp {k:g}): {where} by sqrt(d^2 + live^2/{k:g}^2), so it is not LN-free for the "
+             "tokens the clamp catches")
+    return (f"The \"LN-free\" model keeps {shape}. On the held-out text "
             f"{info['share_any_site']:.2%} of {info['tokens']:,} tokens were divided more than "
             f"{info['level']:g}x as hard as a token at the site's scale at some site ({info['worst_site']} "
             f"most often: {info['worst_site_share']:.2%}; largest ratio {info['max_ratio']:.3g}). The same weights "
@@ -679,6 +685,10 @@ def _summary(lm: Any, train_sample: Any, eval_sample: Any, opts: RemoveLnOptions
                  "past_key_values and drop the BOS from the input)" if opts.train.exact_bos else "")
         k = final_clamp(res.removal)
         how = (f"every norm divides by sqrt({opts.eps:g}), the divisors folded into the gains" if not k
+               else f"every norm divides by sqrt({opts.eps:g}), the divisors folded into the gains, and each "
+                    f"{'clamped ' if opts.train.clamp_sites else ''}site keeps its hard knee at K = {k:g}: a "
+                    "forward hook scales a token above K x the site's scale down to it (the manifest's "
+                    "sites[].clamp; normscope's loader adds the hooks)" if opts.train.clamp_shape == "hard"
                else f"each {'clamped ' if opts.train.clamp_sites else ''}norm is an RMSNorm with its own eps K^2 d^2 "
                     f"and the gain K w, K = {k:g}: the "
                     "soft clamp; transformers' config holds one eps, so set each module's from the manifest's "

@@ -60,7 +60,7 @@ TRAINER_FILE = "trainer.pt"
 
 
 REMOVAL_ONLY = ("distill_weight", "momentum", "first_token", "split_value", "schedule", "aux_anchor", "guard",
-                "guard_weight", "clamp", "clamp_to", "clamp_sites")
+                "guard_weight", "clamp", "clamp_to", "clamp_sites", "clamp_shape")
 """TrainOptions fields that only the LN-free run reads (a control ignores them)."""
 
 
@@ -123,6 +123,11 @@ class TrainOptions:
     """Loosen the soft clamp geometrically from ``clamp`` to ``clamp_to`` between the step the gate closes and
     the last step (:func:`clamp_at`), so the model ends within ``1 / (2 clamp_to^2)`` of LN-free for every token
     up to about ``clamp_to`` x its site's scale (0: the clamp stays at ``clamp``)."""
+    clamp_shape: str = "soft"
+    """``soft`` (``sqrt(d^2 + live^2 / K^2)``, an RMSNorm with a large eps) or ``hard``: ``max(d, live / K)``,
+    the training guard's knee kept in the export. A hard clamp divides every token up to ``K`` x its site's
+    scale by the constant ``d`` exactly (LN-free for those tokens) and normalises only the tokens above it;
+    the export applies the knee with one forward hook per site (:mod:`normscope.core.lnfree`)."""
     clamp_sites: list[str] = field(default_factory=list)
     """Globs of the sites the soft clamp applies to (empty: every removed site). Leaving ``ln_final`` out keeps
     the final norm a pure constant, so direct logit attribution is exact while the inner sites stay bounded."""
@@ -167,6 +172,8 @@ class TrainOptions:
         for k in ("save_every", "keep_checkpoints", "log_sites", "gradient_checkpointing") + (
                 REMOVAL_ONLY if control else ()):
             d.pop(k)
+        if d.get("clamp_shape") == "soft":
+            d.pop("clamp_shape")  # the default: runs saved before --clamp-shape existed stay resumable
         return d
 
 
@@ -210,8 +217,13 @@ def check_clamp_sites(names: list[str], globs: list[str]) -> None:
                              f"{', '.join(names[:3])}, ... (see `normscope sites MODEL`).")
 
 
-def check_clamp(clamp: float, clamp_to: float, clamp_sites: list[str] | None = None) -> None:
-    """One line for a --clamp-to or --clamp-sites without --clamp, or a --clamp-to below it."""
+def check_clamp(clamp: float, clamp_to: float, clamp_sites: list[str] | None = None, shape: str = "soft") -> None:
+    """One line for a --clamp-to, --clamp-sites or --clamp-shape hard without --clamp, a --clamp-to below it, or
+    an unknown shape."""
+    if shape not in ("soft", "hard"):
+        raise NormscopeError(f"--clamp-shape must be soft or hard, not '{shape}'.")
+    if shape == "hard" and not clamp:
+        raise NormscopeError("--clamp-shape hard sets the shape of the clamp; give --clamp K too (the knee).")
     if clamp_sites and not clamp:
         raise NormscopeError("--clamp-sites chooses where the soft clamp applies; give --clamp K too.")
     if clamp_to and not clamp:
@@ -469,6 +481,7 @@ def warm_start(model: nn.Module, removal: Removal, ckpt: Path, fingerprint: dict
     for w in removal:  # this run's guard and clamp, not the earlier one's
         w.guard, w.guard_weight = opts.guard, opts.guard_weight
         w.clamp = site_clamp(w.site_name, opts.clamp, opts.clamp_sites)
+        w.clamp_hard = opts.clamp_shape == "hard"
 
 
 def train(
@@ -534,6 +547,7 @@ def train(
             w.follow = opts.schedule.taper
             w.guard, w.guard_weight = opts.guard, opts.guard_weight
             w.clamp = site_clamp(w.site_name, opts.clamp, opts.clamp_sites)
+            w.clamp_hard = opts.clamp_shape == "hard"
     if not control:
         check_clamp_sites(list(removal.wrappers), opts.clamp_sites)
     aux_names = _aux_site_names(removal, opts.aux_sites)

@@ -48,7 +48,9 @@ def summary(sample: Any, opts: SinksOptions, overall: float, by_cat: dict[str, f
     if len(sites_df) and ln_free:
         out.append(
             "This model is a remove-ln export: its norms divide every ordinary token by a fixed constant"
-            + (" (nearly: a soft clamp normalises only tokens far above a site's scale)"
+            + (" (up to a hard clamp, which normalises only the tokens above K times a site's scale)"
+               if ln_free.get("clamp_shape") == "hard" else
+               " (nearly: a soft clamp normalises only tokens far above a site's scale)"
                if ln_free.get("clamped") else "")
             + " and the BOS keeps its own divisor, so no outlier dim rescales the other dims of an ordinary token. "
             "The per-site outlier shares below describe the norms' inputs, not a rescaling."
