@@ -29,6 +29,9 @@
 #   P: E's schedule from the start with the hard knee at K = 2 on the 60 block sites (the guard at 2: training
 #      sees the export's knee exactly) and the final norm a constant (N and O showed a hard knee cannot replace a
 #      soft clamp on weights trained under it: E's weights score CE 20-50 under any hard knee at step 0)
+#   Q: P with the knee (and the guard) at K = 3: fewer tokens touched by the knee, if training holds.
+#      P and Q have no control of their own: a control ignores the removal options, so theirs is E's (same
+#      command, same seed): cp -r runs/E/control runs/P/control, or run `variant.sh P control`
 # The script is read as it runs: do not edit it in place while a stage is going (write a copy and mv it over).
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
@@ -36,7 +39,7 @@
 cd "$(dirname "$0")/../.." || exit 1
 set -f  # the options hold site globs (blocks.*), not file names
 export OMP_NUM_THREADS=${THREADS:-1}  # THREADS=2 for a training that runs alone
-V=${1:?give the variant: A-P}
+V=${1:?give the variant: A-Q}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -55,7 +58,8 @@ case "$V" in
   N) SCHEDULE="--init-from runs/E --steps 180 --lr 5e-5 --grad-clip 0.5 --guard 2 --clamp 2 --clamp-shape hard --clamp-sites blocks.*" ;;
   O) SCHEDULE="--init-from runs/E --steps 180 --lr 5e-5 --grad-clip 0.5 --guard 3 --clamp 3 --clamp-shape hard --clamp-sites blocks.*" ;;
   P) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --guard 2 --clamp 2 --clamp-shape hard --clamp-sites blocks.*" ;;
-  *) echo "unknown variant '$V'; give one of A to P" >&2; exit 2 ;;
+  Q) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --guard 3 --clamp 3 --clamp-shape hard --clamp-sites blocks.*" ;;
+  *) echo "unknown variant '$V'; give one of A to Q" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor
