@@ -8,6 +8,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -396,12 +397,9 @@ def test_exact_bos_taper_guard_resume_is_bit_identical(tmp_path, clamp):
 
 
 # ---- the soft clamp kept in the export (--clamp) ---------------------------------------------------------------
-def test_clamp_divides_by_sqrt_d2_plus_live2_over_k2_and_stays_in_eval():
-    """FrozenNorm._clamped against the formula computed directly: an ordinary token within 1/(2K^2) of the frozen
-    divisor, a runaway normalised down to about K x the site's scale, position 0 on its exact live divisor; and
-    unlike the guard, the clamp is the same in training and in evaluation."""
-    from normscope.removal.frozen import clamp_ratio
-
+def _clamp_case(k: float, hard: bool) -> tuple[Any, float, torch.Tensor, torch.Tensor]:
+    """A frozen ``blocks.1.ln2`` clamped at ``k``, a batch around its scale with one runaway token at [1, 3], and
+    each token's live divisor."""
     model, layout, sites = _setup()
     rem = Removal(model, layout, sites)
     _freeze_all(rem, model, _bos_ids())
@@ -409,8 +407,18 @@ def test_clamp_divides_by_sqrt_d2_plus_live2_over_k2_and_stays_in_eval():
     d = w.divisor
     x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(1)) * d  # [batch, pos, d_model]
     x[1, 3] *= 200.0  # a runaway token
-    w.clamp = 4.0
+    w.clamp, w.clamp_hard = k, hard
     live = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + w.eps)  # [2, 6, 1]
+    return w, d, x, live
+
+
+def test_clamp_divides_by_sqrt_d2_plus_live2_over_k2_and_stays_in_eval():
+    """FrozenNorm._clamped against the formula computed directly: an ordinary token within 1/(2K^2) of the frozen
+    divisor, a runaway normalised down to about K x the site's scale, position 0 on its exact live divisor; and
+    unlike the guard, the clamp is the same in training and in evaluation."""
+    from normscope.removal.frozen import clamp_ratio
+
+    w, d, x, live = _clamp_case(4.0, hard=False)
     want = x / torch.sqrt(d * d + live.pow(2) / 16.0) * w.weight  # [2, 6, 64]
     want[:, 0] = x[:, 0] / live[:, 0] * w.weight  # the fixed prefix: exact live divisor
     for mode in (w.train, w.eval):
@@ -508,15 +516,7 @@ def test_hard_clamp_is_the_constant_below_its_knee_and_normalises_above():
     divisor, and clamp_ratio is 1 below the knee."""
     from normscope.removal.frozen import clamp_ratio
 
-    model, layout, sites = _setup()
-    rem = Removal(model, layout, sites)
-    _freeze_all(rem, model, _bos_ids())
-    w = rem["blocks.1.ln2"]
-    d = w.divisor
-    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(1)) * d  # [batch, pos, d_model]
-    x[1, 3] *= 200.0  # a runaway token
-    w.clamp, w.clamp_hard = 2.0, True
-    live = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + w.eps)  # [2, 6, 1]
+    w, d, x, live = _clamp_case(2.0, hard=True)
     want = x / torch.maximum(torch.full_like(live, d), live / 2.0) * w.weight  # [2, 6, 64]
     want[:, 0] = x[:, 0] / live[:, 0] * w.weight  # the fixed prefix: exact live divisor
     for mode in (w.train, w.eval):
