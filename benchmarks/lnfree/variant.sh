@@ -38,6 +38,8 @@
 #   S: P at a quarter of its peak learning rate (5e-5) and half its gradient clip (0.5), from the start: P and Q
 #      collapsed as the gate closed, with gradient norms of 1e5-1e7; does a smaller step (the effective step of
 #      the weights writing into a site jumps when its norm goes, Lyle et al.) carry the model through?
+#   T: S without the knee (no clamp at all, the training guard at 2 only): if the smaller step carries it through
+#      the gate's close, its export is LN-free outright
 # The script is read as it runs: do not edit it in place while a stage is going (write a copy and mv it over).
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
@@ -45,7 +47,7 @@
 cd "$(dirname "$0")/../.." || exit 1
 set -f  # the options hold site globs (blocks.*), not file names
 export OMP_NUM_THREADS=${THREADS:-1}  # THREADS=2 for a training that runs alone
-V=${1:?give the variant: A-S}
+V=${1:?give the variant: A-T}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -66,8 +68,9 @@ case "$V" in
   P) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --guard 2 --clamp 2 --clamp-shape hard --clamp-sites blocks.*" ;;
   R) SCHEDULE="--init-from runs/P --steps 120 --lr 2e-5 --grad-clip 0.5 --guard 8 --clamp 2 --clamp-to 8 --clamp-shape hard --clamp-sites blocks.*" ;;
   S) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --lr 5e-5 --grad-clip 0.5 --guard 2 --clamp 2 --clamp-shape hard --clamp-sites blocks.*" ;;
+  T) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --lr 5e-5 --grad-clip 0.5 --guard 2" ;;
   Q) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --guard 3 --clamp 3 --clamp-shape hard --clamp-sites blocks.*" ;;
-  *) echo "unknown variant '$V'; give one of A to S" >&2; exit 2 ;;
+  *) echo "unknown variant '$V'; give one of A to T" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor
