@@ -40,6 +40,7 @@
 #      the weights writing into a site jumps when its norm goes, Lyle et al.) carry the model through?
 #   T: S without the knee (no clamp at all, the training guard at 2 only): if the smaller step carries it through
 #      the gate's close, its export is LN-free outright
+#   P, Q, S and T all collapsed as the gate closed (spikes from gate 0.60-0.68) and were stopped unscored: README
 # The script is read as it runs: do not edit it in place while a stage is going (write a copy and mv it over).
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
