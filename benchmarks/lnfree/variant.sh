@@ -41,6 +41,10 @@
 #   T: S without the knee (no clamp at all, the training guard at 2 only): if the smaller step carries it through
 #      the gate's close, its export is LN-free outright
 #   P, Q, S and T all collapsed as the gate closed (spikes from gate 0.60-0.68) and were stopped unscored: README
+#   U: T at the default learning rate, a shorter gate (150 of 250 steps), and the SwiGLU gate bounded: the student's
+#      SiLU becomes gelu_10 (benchmarks/lnfree/capped_gate.py; the export is a plain checkpoint with that
+#      hidden_act), so a token above scale no longer gets a squared MLP output. No clamp: LN-free if it held;
+#      it did not (spikes from gate 0.63, collapsed at the close; stopped at 159, README)
 # The script is read as it runs: do not edit it in place while a stage is going (write a copy and mv it over).
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
@@ -48,7 +52,7 @@
 cd "$(dirname "$0")/../.." || exit 1
 set -f  # the options hold site globs (blocks.*), not file names
 export OMP_NUM_THREADS=${THREADS:-1}  # THREADS=2 for a training that runs alone
-V=${1:?give the variant: A-T}
+V=${1:?give the variant: A-U}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -70,23 +74,25 @@ case "$V" in
   R) SCHEDULE="--init-from runs/P --steps 120 --lr 2e-5 --grad-clip 0.5 --guard 8 --clamp 2 --clamp-to 8 --clamp-shape hard --clamp-sites blocks.*" ;;
   S) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --lr 5e-5 --grad-clip 0.5 --guard 2 --clamp 2 --clamp-shape hard --clamp-sites blocks.*" ;;
   T) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --lr 5e-5 --grad-clip 0.5 --guard 2" ;;
+  U) SCHEDULE="--start 10 --ramp-steps 150 --steps 250 --guard 2" ;;
   Q) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --guard 3 --clamp 3 --clamp-shape hard --clamp-sites blocks.*" ;;
-  *) echo "unknown variant '$V'; give one of A to T" >&2; exit 2 ;;
+  *) echo "unknown variant '$V'; give one of A to U" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor
       --distill --batch-size 4 --seq-len 128 --eval-max-tokens 8192 --save-every 25 --keep-checkpoints 1
       --run-dir "runs/$V" --out "runs/$V/report")
+BIN=(.venv/bin/normscope); [ "$V" = U ] && BIN=(.venv/bin/python benchmarks/lnfree/capped_gate.py)
 case "$STAGE" in all|ln-free|control|score) ;; *) echo "unknown stage '$STAGE'; give ln-free, control or score" >&2; exit 2 ;; esac
 if [ "$STAGE" = all ] || [ "$STAGE" = ln-free ]; then
   R=(); [ -d "runs/$V/ln-free" ] && R=(--resume)
-  .venv/bin/normscope "${ARGS[@]}" --only ln-free "${R[@]}" || exit $?
+  "${BIN[@]}" "${ARGS[@]}" --only ln-free "${R[@]}" || exit $?
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = control ]; then
   R=(); [ -d "runs/$V/control" ] && R=(--resume)
-  .venv/bin/normscope "${ARGS[@]}" --control --only control "${R[@]}" || exit $?
+  "${BIN[@]}" "${ARGS[@]}" --control --only control "${R[@]}" || exit $?
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = score ]; then
   C=(--control); [ -d "runs/$V/control" ] || C=()  # no control trained: scored against the original only
-  .venv/bin/normscope "${ARGS[@]}" "${C[@]}" --resume
+  "${BIN[@]}" "${ARGS[@]}" "${C[@]}" --resume
 fi
