@@ -45,6 +45,8 @@
 #      SiLU becomes gelu_10 (benchmarks/lnfree/capped_gate.py; the export is a plain checkpoint with that
 #      hidden_act), so a token above scale no longer gets a squared MLP output. No clamp: LN-free if it held;
 #      it did not (spikes from gate 0.63, collapsed at the close; stopped at 159, README)
+#   V: T with 4x the tokens a step (16 x 128) over a 4x shorter gate (60 steps; the same tokens through the gate),
+#      at the default learning rate: does the spike onset at gate ~0.6 move with the batch, the one lever left?
 # The script is read as it runs: do not edit it in place while a stage is going (write a copy and mv it over).
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
@@ -52,7 +54,7 @@
 cd "$(dirname "$0")/../.." || exit 1
 set -f  # the options hold site globs (blocks.*), not file names
 export OMP_NUM_THREADS=${THREADS:-1}  # THREADS=2 for a training that runs alone
-V=${1:?give the variant: A-U}
+V=${1:?give the variant: A-V}
 STAGE=${2:-all}
 case "$V" in
   A) SCHEDULE="--start 10 --ramp-steps 110 --steps 200" ;;
@@ -75,12 +77,13 @@ case "$V" in
   S) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --lr 5e-5 --grad-clip 0.5 --guard 2 --clamp 2 --clamp-shape hard --clamp-sites blocks.*" ;;
   T) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --lr 5e-5 --grad-clip 0.5 --guard 2" ;;
   U) SCHEDULE="--start 10 --ramp-steps 150 --steps 250 --guard 2" ;;
+  V) SCHEDULE="--start 5 --ramp-steps 60 --steps 100 --guard 2"; BATCH=16 ;;
   Q) SCHEDULE="--start 10 --ramp-steps 200 --steps 330 --guard 3 --clamp 3 --clamp-shape hard --clamp-sites blocks.*" ;;
-  *) echo "unknown variant '$V'; give one of A to U" >&2; exit 2 ;;
+  *) echo "unknown variant '$V'; give one of A to V" >&2; exit 2 ;;
 esac
 ARGS=(remove-ln smollm2-135m --text ../shared/corpus/sherlock_holmes.txt --eval-text ../shared/corpus/peter_pan.txt
       --exact-bos --taper --ramp-shape cosine $SCHEDULE --aux-sites all --aux-form log --aux-weight 0.2 --aux-anchor
-      --distill --batch-size 4 --seq-len 128 --eval-max-tokens 8192 --save-every 25 --keep-checkpoints 1
+      --distill --batch-size "${BATCH:-4}" --seq-len 128 --eval-max-tokens 8192 --save-every 25 --keep-checkpoints 1
       --run-dir "runs/$V" --out "runs/$V/report")
 BIN=(.venv/bin/normscope); [ "$V" = U ] && BIN=(.venv/bin/python benchmarks/lnfree/capped_gate.py)
 case "$STAGE" in all|ln-free|control|score) ;; *) echo "unknown stage '$STAGE'; give ln-free, control or score" >&2; exit 2 ;; esac
