@@ -47,6 +47,7 @@
 #      it did not (spikes from gate 0.63, collapsed at the close; stopped at 159, README)
 #   V: T with 4x the tokens a step (16 x 128) over a 4x shorter gate (60 steps; the same tokens through the gate),
 #      at the default learning rate: does the spike onset at gate ~0.6 move with the batch, the one lever left?
+#      Barely: sustained spikes from gate 0.70, collapsing as the gate closed; stopped at 62 (README)
 # The script is read as it runs: do not edit it in place while a stage is going (write a copy and mv it over).
 # A second argument runs one stage alone (ln-free, control or score), so the two trainings can run side by side:
 #   bash benchmarks/lnfree/variant.sh E ln-free & bash benchmarks/lnfree/variant.sh E control; wait
