@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from transformers.activations import ACT2FN
 from normscope.core.models import load_model
 from normscope.core.sites import find_layout, find_norm_sites
 from normscope.removal.frozen import Removal
+from normscope.removal.train import WEIGHTS_FILE, read_state
 
 
 def residual_in(model: torch.nn.Module, ids: torch.Tensor, block: int) -> torch.Tensor:
@@ -54,8 +54,8 @@ def main() -> None:
         for b in student.model.layers:
             b.mlp.act_fn = ACT2FN[args.act]
     removal = Removal(student, find_layout(student), find_norm_sites(student))
-    load_weights(student, str(args.ckpt / "model.safetensors"))
-    removal.load_state(json.loads((args.ckpt / "state.json").read_text())["removal"])
+    load_weights(student, str(args.ckpt / WEIGHTS_FILE))
+    removal.load_state(read_state(args.ckpt)["removal"])
     student.eval()  # no training guard: what the export would compute
     text = args.text.read_text(encoding="utf-8")
     ids = tok(text[len(text) // 2:], return_tensors="pt").input_ids[0, : args.windows * 127].reshape(-1, 127)
